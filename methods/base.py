@@ -1,0 +1,101 @@
+"""The interface every method implements; the harness only talks to methods through it.
+
+A method is an ``nn.Module`` that owns its networks, losses and optimisers. The harness calls
+``train_step`` once per step with a batch (see ``datasets.base`` for its keys, all on the
+method's device) and ``generate`` for evaluation. Methods never import the harness (``bench``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from datasets.base import DataInfo
+
+
+@dataclass
+class BackboneSettings:
+    """Where pretrained backbone weights are looked up, and whether random init is allowed."""
+
+    weights_dir: Optional[str] = None  # searched first; then $TORCH_HOME/hub/checkpoints
+    allow_untrained: bool = False  # opt-in: seeded random-init networks, labelled untrained
+    download: bool = True  # try the official URL when the file is absent
+    seed: int = 0  # seed of random-init backbones
+
+
+@dataclass
+class MethodContext:
+    """Everything a method is built from besides its own options."""
+
+    data: DataInfo
+    resolution: int
+    width: float  # channel-width multiplier; 1.0 = the paper's widths
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backbones: BackboneSettings = field(default_factory=BackboneSettings)
+    seed: int = 0
+    total_steps: int = 1  # for methods with phases (warm-up) or schedules
+
+
+@dataclass
+class MethodOutput:
+    """What ``generate`` returns: the translated image and, for correspondence methods, warps."""
+
+    output: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    # Warped exemplars by level name (e.g. "64", "128"), each (B, 3, h, w) in [-1, 1]. The
+    # harness puts them in the sample grid and scores them against the ground truth.
+    warps: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def scaled(channels: int, width: float, minimum: int = 4) -> int:
+    """A paper channel count scaled by the run's width multiplier (at least ``minimum``)."""
+    return max(minimum, int(round(channels * width)))
+
+
+class ExemplarMethod(nn.Module):
+    """Base class. Subclasses set ``Options`` (a dataclass of the method's hyper-parameters,
+    every default commented there) and implement the three methods below."""
+
+    Options: type = None
+    has_warp: bool = False
+
+    def __init__(self, options: Any, ctx: MethodContext):
+        super().__init__()
+        self.options = options
+        self.ctx = ctx
+        # Provenance of every pretrained or random-init backbone: name -> "sha256:<hex>" or
+        # "untrained(seed=N)". The harness logs it as run tags.
+        self.provenance: Dict[str, str] = {}
+
+    def train_step(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
+        """One optimisation step (all of the method's networks); returns scalar losses by name."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, batch: Dict[str, torch.Tensor]) -> MethodOutput:
+        raise NotImplementedError
+
+    # Checkpoints hold networks and optimisers; subclasses with more state extend these.
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def training_state(self) -> Dict[str, Any]:
+        return {
+            "model": self.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+        }
+
+    def load_training_state(self, state: Dict[str, Any]) -> None:
+        self.load_state_dict(state["model"])
+        for k, o in self.optimizers().items():
+            o.load_state_dict(state["optimizers"][k])
+
+
+def options_dict(options: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(options) if options is not None else {}

@@ -1,0 +1,51 @@
+"""Multi-scale spectral-norm PatchGAN discriminator (pix2pixHD / SPADE ``MultiscaleDiscriminator``)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import spectral_norm
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN with ``n_layers`` strided convs; returns every intermediate feature map (for feature
+    matching) with the patch logits last."""
+
+    def __init__(self, in_nc: int, ndf: int = 64, n_layers: int = 4):
+        super().__init__()
+        kw, pad = 4, 2
+        layers = [nn.Sequential(nn.Conv2d(in_nc, ndf, kw, 2, pad), nn.LeakyReLU(0.2))]
+        nf = ndf
+        for n in range(1, n_layers):
+            prev, nf = nf, min(nf * 2, 8 * ndf)
+            stride = 1 if n == n_layers - 1 else 2
+            layers.append(nn.Sequential(
+                spectral_norm(nn.Conv2d(prev, nf, kw, stride, pad)),
+                nn.InstanceNorm2d(nf, affine=False), nn.LeakyReLU(0.2)))
+        layers.append(nn.Sequential(nn.Conv2d(nf, 1, kw, 1, pad)))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class MultiscaleDiscriminator(nn.Module):
+    """``num_d`` PatchGANs on the input downsampled by 1, 2, 4 ..."""
+
+    def __init__(self, in_nc: int, ndf: int = 64, n_layers: int = 4, num_d: int = 2):
+        super().__init__()
+        self.nets = nn.ModuleList([NLayerDiscriminator(in_nc, ndf, n_layers) for _ in range(num_d)])
+
+    def forward(self, x: torch.Tensor) -> List[List[torch.Tensor]]:
+        out = []
+        for i, net in enumerate(self.nets):
+            if i:
+                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+            out.append(net(x))
+        return out

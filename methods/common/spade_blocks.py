@@ -1,0 +1,111 @@
+"""SPADE building blocks (Park et al. 2019), shared by SPADE, CoCosNet and CoCosNet v2.
+
+``SPADE`` normalises activations with a parameter-free norm and modulates them with a scale and
+bias predicted from a spatial conditioning map. The parameter-free norm is configurable because
+the methods differ: SPADE uses (sync) batch norm, CoCosNet uses *positional* normalisation
+(per-pixel mean/std across channels) so the warped exemplar's spatial statistics survive.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import spectral_norm
+
+
+class PositionalNorm2d(nn.Module):
+    """Normalise each pixel across channels (Li et al., "Positional Normalization")."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        std = (x.var(dim=1, keepdim=True, unbiased=False) + self.eps).sqrt()
+        return (x - mean) / std
+
+
+def param_free_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels, affine=False)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=False)
+    if kind == "positional":
+        return PositionalNorm2d()
+    raise ValueError(f"unknown parameter-free norm {kind!r}; choose batch, instance or positional")
+
+
+class SPADE(nn.Module):
+    """Spatially-adaptive denormalisation: norm(x) * (1 + gamma(seg)) + beta(seg)."""
+
+    def __init__(self, norm_nc: int, label_nc: int, hidden: int = 128, norm: str = "batch", kernel: int = 3):
+        super().__init__()
+        self.norm = param_free_norm(norm, norm_nc)
+        pad = kernel // 2
+        self.shared = nn.Sequential(nn.Conv2d(label_nc, hidden, kernel, padding=pad), nn.ReLU())
+        self.gamma = nn.Conv2d(hidden, norm_nc, kernel, padding=pad)
+        self.beta = nn.Conv2d(hidden, norm_nc, kernel, padding=pad)
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        seg = F.interpolate(seg, size=x.shape[2:], mode="nearest")
+        h = self.shared(seg)
+        return self.norm(x) * (1 + self.gamma(h)) + self.beta(h)
+
+
+class SPADEResBlock(nn.Module):
+    """Residual block with SPADE norms and spectral-norm convolutions (SPADE's ``SPADEResnetBlock``)."""
+
+    def __init__(self, fin: int, fout: int, label_nc: int, hidden: int = 128, norm: str = "batch",
+                 use_spectral: bool = True):
+        super().__init__()
+        fmid = min(fin, fout)
+        self.learned_shortcut = fin != fout
+        sn = spectral_norm if use_spectral else (lambda m: m)
+        self.conv_0 = sn(nn.Conv2d(fin, fmid, 3, padding=1))
+        self.conv_1 = sn(nn.Conv2d(fmid, fout, 3, padding=1))
+        self.norm_0 = SPADE(fin, label_nc, hidden, norm)
+        self.norm_1 = SPADE(fmid, label_nc, hidden, norm)
+        if self.learned_shortcut:
+            self.conv_s = sn(nn.Conv2d(fin, fout, 1, bias=False))
+            self.norm_s = SPADE(fin, label_nc, hidden, norm)
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        xs = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), 2e-1))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), 2e-1))
+        return xs + dx
+
+
+class SPADEDecoder(nn.Module):
+    """The SPADE generator trunk: from an ``sh x sw`` feature map up to the output resolution.
+
+    Channels follow SPADE's 16, 16, 16, 8, 4, 2, 1 x ngf schedule; the number of upsamplings is
+    ``num_up`` so any power-of-two resolution works (5 at 256x256: start at 8x8).
+    """
+
+    def __init__(self, ngf: int, label_nc: int, num_up: int = 5, hidden: int = 128, norm: str = "batch"):
+        super().__init__()
+        self.num_up = num_up
+        mult = [16, 16, 16, 8, 4, 2, 1]
+        # num_up counts every x2 upsampling; SPADE applies one between head and middle blocks.
+        self.head = SPADEResBlock(16 * ngf, 16 * ngf, label_nc, hidden, norm)
+        self.middle = nn.ModuleList([SPADEResBlock(16 * ngf, 16 * ngf, label_nc, hidden, norm) for _ in range(2)])
+        ups = []
+        chans = [16 * ngf] + [m * ngf for m in mult[3:]]
+        for i in range(num_up - 1):
+            cin, cout = chans[min(i, len(chans) - 1)], chans[min(i + 1, len(chans) - 1)]
+            ups.append(SPADEResBlock(cin, cout, label_nc, hidden, norm))
+        self.ups = nn.ModuleList(ups)
+        out_c = chans[min(num_up - 1, len(chans) - 1)]
+        self.conv_img = nn.Conv2d(out_c, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        x = self.head(x, seg)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.middle[0](x, seg)
+        x = self.middle[1](x, seg)
+        for block in self.ups:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = block(x, seg)
+        return torch.tanh(self.conv_img(F.leaky_relu(x, 2e-1)))

@@ -1,0 +1,84 @@
+"""ImageNet VGG19 features (torchvision layout) for perceptual losses and the VGG metrics.
+
+Layer indices in ``torchvision.models.vgg19().features`` (printed in reference/metrics.md 3.3):
+relu1_1=1, relu1_2=3, relu2_1=6, relu2_2=8, relu3_1=11, relu3_2=13, relu4_1=20, relu4_2=22,
+relu5_1=29, relu5_2=31. The ReLUs are in-place, so a layer's output is read after its index.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+from torch import nn
+
+from methods.base import BackboneSettings
+from methods.common.weights import find_weights, provenance_of
+
+VGG19_FILE = "vgg19-dcbb9e9d.pth"
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+
+LAYER_INDEX = {
+    "relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu2_2": 8, "relu3_1": 11, "relu3_2": 13,
+    "relu3_4": 17, "relu4_1": 20, "relu4_2": 22, "relu4_4": 26, "relu5_1": 29, "relu5_2": 31,
+    "relu5_4": 35,
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CACHE: Dict[Tuple, Tuple[nn.Module, str]] = {}
+
+
+def load_vgg19_features(settings: BackboneSettings, purpose: str = "VGG19") -> Tuple[nn.Module, str]:
+    """The frozen VGG19 ``features`` stack and its provenance string.
+
+    Shared per process (weights are 548 MB at full size): callers must not modify it.
+    """
+    from torchvision.models import vgg19
+
+    path = find_weights(VGG19_FILE, VGG19_URL, settings, purpose)
+    key = (str(path), settings.seed)
+    if key not in _CACHE:
+        if path is None:
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(settings.seed)  # seeded random init, labelled untrained
+            model = vgg19(weights=None)
+            torch.random.set_rng_state(gen_state)
+        else:
+            model = vgg19(weights=None)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        features = model.features.eval()
+        for p in features.parameters():
+            p.requires_grad_(False)
+        _CACHE[key] = (features, provenance_of(path, settings.seed))
+    return _CACHE[key]
+
+
+class VGGFeatures(nn.Module):
+    """Returns the requested VGG19 activations for images in [-1, 1] (ImageNet-normalised inside)."""
+
+    def __init__(self, layers: Iterable[str], settings: BackboneSettings, purpose: str = "VGG19"):
+        super().__init__()
+        self.layers: List[str] = list(layers)
+        unknown = [l for l in self.layers if l not in LAYER_INDEX]
+        if unknown:
+            raise ValueError(f"unknown VGG19 layers {unknown}; known: {sorted(LAYER_INDEX)}")
+        features, self.provenance = load_vgg19_features(settings, purpose)
+        last = max(LAYER_INDEX[l] for l in self.layers)
+        # Not registered as a submodule: it is shared and frozen, and must stay out of checkpoints.
+        object.__setattr__(self, "_features", features[: last + 1])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        feats = self._features
+        if feats[0].weight.device != x.device:
+            feats.to(x.device)
+        h = ((x + 1) / 2 - self.mean) / self.std
+        out: Dict[str, torch.Tensor] = {}
+        wanted = {LAYER_INDEX[l]: l for l in self.layers}
+        for i, layer in enumerate(feats):
+            h = layer(h)
+            if i in wanted:
+                out[wanted[i]] = h
+        return out

@@ -1,0 +1,102 @@
+"""Finding pretrained weights files, or opting in to seeded random init.
+
+Every pretrained network the project uses (VGG19 for losses and metrics, AlexNet for LPIPS,
+Inception for FID) is looked up the same way: the configured weights directory, then
+``$TORCH_HOME/hub/checkpoints`` (torch.hub's cache), then a download from the official URL when
+the network allows. When all fail, ``MissingWeightsError`` names the file, its URL and where to
+put it -- unless ``allow_untrained`` is set, in which case the caller builds a seeded random-init
+network and records it as untrained. Weights are never faked silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from pathlib import Path
+from typing import List, Optional
+
+from methods.base import BackboneSettings
+
+UNTRAINED_PREFIX = "untrained"
+
+
+class MissingWeightsError(FileNotFoundError):
+    pass
+
+
+def hub_checkpoint_dir() -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def search_dirs(settings: BackboneSettings) -> List[Path]:
+    dirs = []
+    if settings.weights_dir:
+        dirs.append(Path(settings.weights_dir).expanduser())
+    env_dir = os.environ.get("BENCH_WEIGHTS_DIR")
+    if env_dir:
+        dirs.append(Path(env_dir).expanduser())
+    dirs.append(hub_checkpoint_dir())
+    return dirs
+
+
+def _download(url: str, dest: Path, timeout: float = 20.0) -> bool:
+    """Download to ``dest`` atomically; False (not an exception) when the network says no."""
+    if os.environ.get("BENCH_OFFLINE") == "1":
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + f".part{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                fh.write(chunk)
+        os.replace(tmp, dest)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
+def find_weights(filename: str, url: str, settings: BackboneSettings, purpose: str) -> Optional[Path]:
+    """Path of ``filename``; None when it is absent and ``settings.allow_untrained`` is set.
+
+    Raises ``MissingWeightsError`` (naming file, URL and directories) otherwise.
+    """
+    dirs = search_dirs(settings)
+    for d in dirs:
+        if (d / filename).is_file():
+            return d / filename
+    if settings.download and _download(url, dirs[-1] / filename):
+        return dirs[-1] / filename
+    if settings.allow_untrained:
+        return None
+    where = "\n".join(f"  - {d}" for d in dirs)
+    raise MissingWeightsError(
+        f"{purpose} needs the pretrained weights file {filename!r}, which was not found and could not be "
+        f"downloaded.\n  Get it from: {url}\n  and put it in one of:\n{where}\n"
+        f"(or set the weights directory in the sweep / BENCH_WEIGHTS_DIR). To run anyway with seeded "
+        f"random-init networks, whose numbers are labelled untrained, set allow_untrained_backbones: true."
+    )
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def provenance_of(path: Optional[Path], seed: int) -> str:
+    """The tag value recorded for a backbone: its file hash, or that it is untrained."""
+    if path is None:
+        return f"{UNTRAINED_PREFIX}(seed={seed})"
+    return f"sha256:{file_sha256(path)}"
+
+
+def is_untrained(provenance: str) -> bool:
+    return provenance.startswith(UNTRAINED_PREFIX)

@@ -1,0 +1,3 @@
+from datasets.registry import Registry
+
+METHODS: Registry = Registry("method")

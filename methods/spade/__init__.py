@@ -1,0 +1,1 @@
+from methods.spade.model import SPADEMethod  # noqa: F401  (registers "spade")
