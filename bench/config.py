@@ -1,0 +1,211 @@
+"""Every configuration default of a sweep, in one commented place, and its strict parser.
+
+A sweep YAML has these top-level keys (all but ``name``, ``methods`` and ``datasets`` optional)::
+
+    name, description, seeds, methods, datasets, train, eval, scale, resources, profiles
+
+Unknown keys anywhere are errors that name the file, the key path, the line and the nearest
+valid key (StudioGAN's strict check, with a better message). Values are type-checked against the
+dataclass field types below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from datasets.base import DatasetSpec
+
+
+class ConfigError(ValueError):
+    """A user error in a sweep file or a command-line override."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimisation steps per trial (each method's train_step is one step)
+    batch_size: int = 4
+    lr_g: float = 1.0e-4  # generator learning rate (SPADE/CoCosNet TTUR: G 1e-4 ...)
+    lr_d: float = 4.0e-4  # ... D 4e-4
+    beta1: float = 0.0  # Adam betas; (0, 0.999) for CoCosNet, (0, 0.9) for SPADE
+    beta2: float = 0.9
+    checkpoint_every: int = 100  # steps between checkpoints reported to Ray Tune (0: only at the end)
+    log_every: int = 10  # steps between loss logs to MLflow and progress lines
+    num_workers: int = 0  # DataLoader worker processes (0: load in the trial process)
+    allow_untrained_backbones: bool = False  # opt-in: random-init VGG etc. in losses, labelled untrained
+    weights_dir: Optional[str] = None  # where pretrained weights files are looked up first
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 64  # evaluation samples (the first N of the eval split, in order)
+    batch_size: int = 8
+    metrics: List[str] = field(default_factory=lambda: ["l1", "psnr", "ssim"])  # or ["all"]
+    allow_untrained_backbones: bool = False  # opt-in: random-init Inception/VGG/AlexNet, labelled
+    grid_samples: int = 6  # columns of the logged sample grid
+    metric_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-metric settings
+
+
+@dataclass
+class ScaleConfig:
+    resolution: int = 64  # square image side the data are resized to and the method runs at
+    width: float = 1.0  # channel-width multiplier; 1.0 = the papers' widths
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = 1.0  # CPUs per trial (also torch's thread count in the trial)
+    gpu: float = 0.0  # GPUs per trial; fractions share a GPU between trials
+    max_concurrent: int = 0  # trials at once (0: as many as the resources allow)
+    max_failures: int = 0  # Ray retries of a crashed trial (resumes from its last checkpoint)
+
+
+@dataclass
+class MethodEntry:
+    name: str
+    options: Dict[str, Any] = field(default_factory=dict)  # shared by every variant
+    # Named override sets (how ablations are written). Bare keys are method options; dotted keys
+    # starting with train./eval./scale. override the trial's sections.
+    variants: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"default": {}})
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    methods: List[MethodEntry]
+    datasets: List[DatasetSpec]
+    description: str = ""
+    seeds: List[int] = field(default_factory=lambda: [0])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # name -> overrides (dotted keys or whole sections), selected with --profile
+    profiles: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+TRIAL_SECTIONS = ("train", "eval", "scale")
+
+
+# ---- strict construction of dataclasses from plain data ---------------------------------------
+class _Where:
+    """Formats error locations: file, dotted key path and (when known) the YAML line."""
+
+    def __init__(self, file: str, line_of=None):
+        self.file = file
+        self.line_of = line_of or (lambda path: None)
+
+    def __call__(self, path: List[Union[str, int]], msg: str) -> ConfigError:
+        dotted = ".".join(str(p) for p in path) or "<top level>"
+        line = self.line_of(path)
+        at = f"{self.file}:{line}" if line else self.file
+        return ConfigError(f"{at}: {dotted}: {msg}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, path, where: _Where) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, where)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, where)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise where(path, f"expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], path + [i], where) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise where(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, args[1], path + [k], where) for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise where(path, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def unknown_key_error(key: str, valid: List[str], path, where: _Where) -> ConfigError:
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return where(path + [key], f"unknown key{hint} (valid keys: {', '.join(valid)})")
+
+
+def build(cls, data: Any, path=None, where: Optional[_Where] = None):
+    """Construct dataclass ``cls`` from ``data``, strictly (unknown keys, types, missing keys)."""
+    path = list(path or [])
+    where = where or _Where("<config>")
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if cls is DatasetSpec and isinstance(data, str):  # "- embedded" is short for "- {name: embedded}"
+        data = {"name": data}
+    if cls is MethodEntry and isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise where(path, f"expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise unknown_key_error(key, list(fields), path, where)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], path + [name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise where(path + [name], "required key is missing")
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> Dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+# ---- dotted overrides ----------------------------------------------------------------------
+def parse_override(text: str) -> tuple:
+    """``"train.steps=50"`` -> (["train", "steps"], 50); the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=50")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def set_dotted(data: Dict[str, Any], keys: List[str], value: Any, origin: str) -> None:
+    """Set ``data[k1][k2]... = value``, creating sections; errors name the override's origin."""
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{origin}: {'.'.join(keys[: i + 1])} is not a section, cannot set {'.'.join(keys)}")
+        node = nxt
+    node[keys[-1]] = value

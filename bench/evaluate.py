@@ -1,0 +1,89 @@
+"""Evaluation of a trained method: the first ``num_samples`` of the eval split, every selected metric.
+
+Metrics are built before training starts (``build_metrics``), so a missing weights file or an
+unsupported metric fails a trial at step 0, not after hours of training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from bench.metrics import METRICS
+from bench.metrics.base import Metric, MetricContext
+from datasets.base import DataInfo
+from methods.base import ExemplarMethod, MethodOutput
+
+EXEMPLAR_KEYS = ("exemplar", "exemplar_cond", "exemplar_label")
+
+
+class MetricSelectionError(ValueError):
+    pass
+
+
+def select_metrics(names: List[str], data: DataInfo, has_warp: bool) -> Tuple[List[str], Dict[str, str]]:
+    """Resolve ``eval.metrics`` (``all`` = every supported metric) -> (names, skipped name -> reason)."""
+    skipped: Dict[str, str] = {}
+    if "all" in names:
+        chosen = []
+        for name in METRICS.names():
+            reason = METRICS.get(name).unsupported_reason(data, has_warp)
+            if reason:
+                skipped[name] = reason
+            else:
+                chosen.append(name)
+        return chosen, skipped
+    for name in names:
+        reason = METRICS.get(name).unsupported_reason(data, has_warp)
+        if reason:
+            raise MetricSelectionError(f"metric {name!r} cannot run on dataset {data.name!r}: {reason}")
+    return list(names), skipped
+
+
+def build_metrics(names: List[str], ctx: MetricContext) -> Dict[str, Metric]:
+    return {name: METRICS.get(name)(ctx) for name in names}
+
+
+def roll_exemplars(batch: Dict[str, torch.Tensor], k: int) -> Dict[str, torch.Tensor]:
+    """The same inputs with the exemplar of the sample k positions away (a different exemplar)."""
+    out = dict(batch)
+    for key in EXEMPLAR_KEYS:
+        if key in batch:
+            out[key] = torch.roll(batch[key], k, dims=0)
+    out.pop("target", None)  # the exact target belongs to the original exemplar
+    return out
+
+
+@torch.no_grad()
+def evaluate(method: ExemplarMethod, loader, metrics: Dict[str, Metric], device: torch.device,
+             grid_samples: int = 6, progress=None) -> Tuple[Dict[str, float], Optional[tuple]]:
+    """Run every metric over the loader; returns (metric values, (grid batch, grid output))."""
+    was_training = method.training
+    method.eval()
+    k_max = max((m.exemplars_per_input for m in metrics.values()), default=1)
+    grid = None
+    seen = 0
+    for batch in loader:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out: MethodOutput = method.generate(batch)
+        outs = [out]
+        for k in range(1, k_max):
+            outs.append(method.generate(roll_exemplars(batch, k)))
+        for m in metrics.values():
+            if m.exemplars_per_input > 1:
+                m.update_multi(batch, outs[: m.exemplars_per_input])
+            else:
+                m.update(batch, out)
+        if grid is None:
+            n = min(grid_samples, batch["cond"].shape[0])
+            grid = ({k: v[:n].cpu() for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 4},
+                    MethodOutput(out.output[:n].cpu(), {l: w[:n].cpu() for l, w in out.warps.items()}))
+        seen += batch["cond"].shape[0]
+        if progress:
+            progress(seen)
+    values: Dict[str, float] = {}
+    for m in metrics.values():
+        values.update(m.compute())
+    method.train(was_training)
+    return values, grid

@@ -1,0 +1,206 @@
+"""Runs a sweep's trials on Ray Tune and keeps MLflow in step.
+
+The driver: creates the MLflow store, experiment and the sweep's parent run before any trial
+starts; skips trials that already have a FINISHED run (unless forced); runs the rest as a grid
+of Tune trials (local Ray by default, an existing cluster with ``address``); prints one progress
+line per trial report; and ends with a summary table built from MLflow, the source of truth.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from bench.progress import ProgressPrinter, summary_table
+from bench.sweep import TrialConfig
+from bench.tracking import (default_tracking_uri, end_parent, ensure_experiment, finished_keys,
+                            parent_run, trial_runs)
+from bench.trial import CHECKPOINT_FILE, Reporter, TrialEnv, run_trial
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunOptions:
+    workdir: Path  # where mlflow.db, mlartifacts/, results/ and .cache/ live
+    tracking_uri: Optional[str] = None  # default: sqlite:///<workdir>/mlflow.db
+    address: Optional[str] = None  # Ray cluster ("auto", "ray://host:port"); None: RAY_ADDRESS or local
+    num_cpus: Optional[int] = None  # local Ray only
+    num_gpus: Optional[int] = None  # local Ray only
+    force: bool = False  # re-run trials that already finished
+    resume: bool = False  # continue the last interrupted invocation of this sweep (Tuner.restore)
+    sweep_file: str = ""
+    sweep_hash: str = ""
+    extra_tags: Dict[str, str] = field(default_factory=dict)
+
+
+class TuneReporter(Reporter):
+    """Reports through ``tune.report``; checkpoints become ``tune.Checkpoint``s in storage_path."""
+
+    def restore_dir(self) -> Optional[Path]:
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        # Copy out of Ray's storage: the checkpoint object is only valid inside this context.
+        import tempfile
+
+        dest = Path(tempfile.mkdtemp(prefix="bench_restore_"))
+        with ckpt.as_directory() as d:
+            src = Path(d) / CHECKPOINT_FILE
+            if src.is_file():
+                (dest / CHECKPOINT_FILE).write_bytes(src.read_bytes())
+        return dest
+
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[Path] = None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(dict(metrics), checkpoint=ckpt)
+
+
+def tune_trainable(config: Dict[str, Any]) -> None:
+    """The Ray Tune function trainable: one trial of the grid."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for noisy in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" on every report
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = TrialConfig.from_dict(config["trial"])
+    env = TrialEnv(**config["env"])
+    run_trial(cfg, env, TuneReporter(), line=lambda s: print(s, flush=True))
+
+
+def _trial_name(trial) -> str:
+    t = trial.config.get("trial", {})
+    return f"{t.get('method')}/{t.get('variant')}/{t.get('dataset', {}).get('name')}/s{t.get('seed')}"
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def init_ray(opts: RunOptions, log=print) -> None:
+    import ray
+
+    # Trials keep the launch directory as cwd (relative paths in sweeps mean what the user thinks).
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Make this checkout importable in every worker, wherever Ray starts it.
+    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
+                                "RAY_CHDIR_TO_TRIAL_DIR": "0",
+                                "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Attaching to a cluster: passing num_cpus/num_gpus is an error there (harness.md C.1).
+        log(f"connecting to Ray cluster at {address}")
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=opts.num_gpus,
+                 runtime_env=runtime_env, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+
+
+def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print) -> int:
+    """Run (or resume) a sweep; returns the exit code (0 when every trial FINISHED)."""
+    from ray import tune
+
+    workdir = opts.workdir.resolve()
+    uri = opts.tracking_uri or default_tracking_uri(workdir)
+    storage = workdir / "results" / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    experiment_id = ensure_experiment(uri, name, workdir / "mlartifacts")
+    sha = git_sha()
+    sweep_tags = {"bench.git_sha": sha, "bench.sweep_file": opts.sweep_file, "bench.sweep_hash": opts.sweep_hash,
+                  **opts.extra_tags}
+    parent_id = parent_run(uri, experiment_id, name, sweep_tags)
+    env = TrialEnv(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_id,
+                   cache_dir=str(workdir / ".cache" / "bench"), tags=sweep_tags)
+
+    todo = list(trials)
+    if not opts.force:
+        done = finished_keys(uri, experiment_id, [t.key for t in trials])
+        todo = [t for t in trials if t.key not in done]
+        if done:
+            log(f"skipped {len(trials) - len(todo)} finished")
+    log(f"MLflow: {uri}  experiment {name!r} (id {experiment_id}), parent run {parent_id}")
+
+    latest = storage / f"{name}.latest"
+    t0 = time.time()
+    if todo:
+        init_ray(opts, log)
+        try:
+            resources = {"cpu": todo[0].resources.cpu, "gpu": todo[0].resources.gpu}
+            trainable = tune.with_resources(tune_trainable, resources)
+            progress = ProgressPrinter({t.key: t.name for t in todo}, log)
+            run_config = tune.RunConfig(
+                storage_path=str(storage), verbose=0, callbacks=[progress],
+                failure_config=tune.FailureConfig(max_failures=todo[0].resources.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+            restored = None
+            if opts.resume and latest.is_file():
+                path = latest.read_text().strip()
+                if tune.Tuner.can_restore(path):
+                    log(f"resuming {path}")
+                    restored = tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                                                  resume_unfinished=True)
+                    local = getattr(restored, "_local_tuner", None)  # None in Ray-client mode
+                    if local is not None:  # the pickled callbacks print for the old invocation
+                        local.get_run_config().callbacks = [progress]
+            if restored is None:
+                if opts.resume:
+                    log("nothing to restore: running the unfinished trials")
+                exp_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                latest.write_text(str(storage / exp_name))
+                run_config.name = exp_name
+                space = {"trial": tune.grid_search([t.to_dict() for t in todo]), "env": env.__dict__}
+                max_conc = todo[0].resources.max_concurrent or None
+                restored = tune.Tuner(
+                    trainable, param_space=space, run_config=run_config,
+                    tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=False,
+                                                trial_name_creator=_trial_name,
+                                                trial_dirname_creator=lambda tr: f"trial_{tr.trial_id}"))
+            restored.fit()
+        except KeyboardInterrupt:
+            log("interrupted")
+        finally:
+            import ray
+
+            ray.shutdown()
+
+    # The summary comes from MLflow: it knows about skipped, resumed and failed trials alike.
+    runs = trial_runs(uri, experiment_id, [t.key for t in trials])
+    rows, failed = [], []
+    for t in trials:
+        run = runs.get(t.key)
+        status = run.data.tags.get("bench.status", run.info.status) if run else "NOT RUN"
+        if run and run.info.status == "RUNNING":
+            status = "INTERRUPTED"
+        wall = (run.info.end_time - run.info.start_time) / 1000 if run and run.info.end_time else None
+        rows.append((t.name, status, wall, dict(run.data.metrics) if run else {}))
+        if status != "FINISHED":
+            failed.append((t.name, status))
+    log(summary_table(rows))
+    ok = not failed
+    end_parent(uri, parent_id, ok)
+    log(f"sweep {name!r}: {len(trials) - len(failed)}/{len(trials)} trials FINISHED in {time.time() - t0:.0f}s")
+    if failed:
+        log("not finished: " + ", ".join(f"{n} ({s})" for n, s in failed))
+        if any(s in ("INTERRUPTED", "NOT RUN") for _, s in failed):
+            log(f"resume with: python -m bench.run {opts.sweep_file} --resume")
+    log(f"browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return 0 if ok else 1

@@ -1,0 +1,257 @@
+"""Sweep files -> validated ``SweepSpec`` -> the grid of ``TrialConfig`` (method x variant x dataset x seed).
+
+A trial's identity is the hash of its resolved configuration (method options with defaults
+filled in, dataset spec with options, seed, train/eval/scale), so the same trial is recognised
+across invocations, machines and edits of unrelated parts of the sweep.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from bench.config import (TRIAL_SECTIONS, ConfigError, EvalConfig, MethodEntry, ResourcesConfig,
+                          ScaleConfig, SweepSpec, TrainConfig, _Where, build, parse_override,
+                          set_dotted, unknown_key_error)
+from datasets.base import DatasetSpec, make_options
+
+# Settings that change how a trial is observed, not what it computes: left out of its identity so
+# that, e.g., logging more often does not re-run finished trials.
+_NOT_IDENTITY = {"train": ("log_every", "checkpoint_every", "num_workers"), "eval": ("grid_samples",)}
+
+
+@dataclass
+class TrialConfig:
+    sweep: str
+    method: str
+    variant: str
+    method_options: Dict[str, Any]
+    dataset: DatasetSpec
+    seed: int
+    train: TrainConfig
+    eval: EvalConfig
+    scale: ScaleConfig
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    @property
+    def dataset_label(self) -> str:
+        return self.dataset.name + (f"-{self.dataset.variant}" if self.dataset.variant else "")
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.variant}/{self.dataset_label}/s{self.seed}"
+
+    def identity(self) -> Dict[str, Any]:
+        ident = {
+            "method": self.method, "variant": self.variant, "method_options": self.method_options,
+            "dataset": dataclasses.asdict(self.dataset), "seed": self.seed,
+            "train": dataclasses.asdict(self.train), "eval": dataclasses.asdict(self.eval),
+            "scale": dataclasses.asdict(self.scale),
+        }
+        for section, keys in _NOT_IDENTITY.items():
+            for k in keys:
+                ident[section].pop(k, None)
+        return ident
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrialConfig":
+        d = dict(d)
+        return cls(
+            sweep=d["sweep"], method=d["method"], variant=d["variant"], method_options=d["method_options"],
+            dataset=DatasetSpec(**d["dataset"]), seed=d["seed"], train=TrainConfig(**d["train"]),
+            eval=EvalConfig(**d["eval"]), scale=ScaleConfig(**d["scale"]),
+            resources=ResourcesConfig(**d["resources"]),
+        )
+
+
+# ---- locating keys in the YAML text for error messages ---------------------------------------
+def _line_finder(text: str):
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+
+    def line_of(path) -> Optional[int]:
+        node, line = root, None
+        for key in path:
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if k.value == str(key):
+                        node, line = v, k.start_mark.line + 1
+                        break
+                else:
+                    return line
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+                line = node.start_mark.line + 1
+            else:
+                return line
+        return line
+
+    return line_of
+
+
+def load_sweep(path: str, overrides: List[str] = (), profile: Optional[str] = None) -> SweepSpec:
+    """Read, profile, override and validate a sweep file (``yaml.safe_load`` only)."""
+    file = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{file}: sweep file not found")
+    text = p.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{file}:{mark.line + 1}" if mark else file
+        raise ConfigError(f"{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: a sweep file is a mapping with keys name, methods, datasets, ...")
+    return spec_from_dict(raw, file, _line_finder(text), overrides, profile)
+
+
+def spec_from_dict(raw: Dict[str, Any], file: str = "<sweep>", line_of=None, overrides: List[str] = (),
+                   profile: Optional[str] = None) -> SweepSpec:
+    where = _Where(file, line_of)
+    raw = copy.deepcopy(raw)
+    if profile:
+        profiles = raw.get("profiles") or {}
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "(none defined)"
+            raise ConfigError(f"{file}: profile {profile!r} is not defined; profiles: {known}")
+        for key, value in (profiles[profile] or {}).items():
+            set_dotted(raw, str(key).split("."), copy.deepcopy(value), f"{file}: profiles.{profile}.{key}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_dotted(raw, keys, value, f"override {text!r}")
+    spec = build(SweepSpec, raw, [], where)
+    _validate(spec, where)
+    return spec
+
+
+def _validate(spec: SweepSpec, where: _Where) -> None:
+    import methods  # noqa: F401  (registers methods)
+    import datasets  # noqa: F401
+    from bench.metrics import METRICS
+    from datasets.registry import DATASETS
+    from methods.registry import METHODS
+
+    if not spec.methods:
+        raise where(["methods"], "at least one method is required")
+    if not spec.datasets:
+        raise where(["datasets"], "at least one dataset is required")
+    if not spec.seeds:
+        raise where(["seeds"], "at least one seed is required")
+    for i, m in enumerate(spec.methods):
+        try:
+            METHODS.get(m.name)
+        except KeyError as exc:
+            raise where(["methods", i, "name"], str(exc)) from None
+        if not m.variants:
+            raise where(["methods", i, "variants"], "needs at least one variant (e.g. default: {})")
+    for i, d in enumerate(spec.datasets):
+        try:
+            cls = DATASETS.get(d.name)
+        except KeyError as exc:
+            raise where(["datasets", i, "name"], str(exc)) from None
+        if d.variant is not None and d.variant not in cls.variants:
+            raise where(["datasets", i, "variant"], f"unknown variant {d.variant!r}; {d.name} has {list(cls.variants)}")
+        try:
+            make_options(cls.Options, d.options, f"dataset {d.name!r} options")
+        except (ValueError, TypeError) as exc:
+            raise where(["datasets", i, "options"], str(exc)) from None
+    for i, name in enumerate(spec.eval.metrics):
+        if name != "all" and name not in METRICS:
+            try:
+                METRICS.get(name)
+            except KeyError as exc:
+                raise where(["eval", "metrics", i], str(exc)) from None
+    if spec.scale.resolution < 16:
+        raise where(["scale", "resolution"], f"must be >= 16, got {spec.scale.resolution}")
+    if spec.train.steps < 0 or spec.train.batch_size < 1:
+        raise where(["train"], "steps must be >= 0 and batch_size >= 1")
+    if spec.eval.num_samples < 1 or spec.eval.batch_size < 1:
+        raise where(["eval"], "num_samples and batch_size must be >= 1")
+    if spec.resources.cpu <= 0 or spec.resources.gpu < 0:
+        raise where(["resources"], "cpu must be > 0 and gpu >= 0")
+    expand(spec, where)  # variants and options are checked by expanding once
+
+
+def _apply_variant(method: MethodEntry, variant: str, overrides: Dict[str, Any], sections: Dict[str, Any],
+                   path, where: _Where) -> Dict[str, Any]:
+    """Split a variant's overrides into method options (bare keys) and trial sections (dotted)."""
+    options = dict(method.options)
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if len(parts) > 1:
+            if parts[0] not in TRIAL_SECTIONS:
+                raise where(path + [key], f"dotted variant keys must start with one of {list(TRIAL_SECTIONS)}")
+            set_dotted(sections, parts, value, f"{where.file}: {'.'.join(map(str, path + [key]))}")
+        else:
+            options[key] = value
+    return options
+
+
+def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]:
+    """The grid, in a stable order: method, variant, dataset, seed."""
+    from methods.registry import METHODS
+
+    where = where or _Where("<sweep>")
+    trials: List[TrialConfig] = []
+    for mi, m in enumerate(spec.methods):
+        method_cls = METHODS.get(m.name)
+        for variant, overrides in m.variants.items():
+            vpath = ["methods", mi, "variants", variant]
+            sections = {s: dataclasses.asdict(getattr(spec, s)) for s in TRIAL_SECTIONS}
+            opts = _apply_variant(m, variant, overrides or {}, sections, vpath, where)
+            try:
+                resolved = make_options(method_cls.Options, opts, f"method {m.name!r} options")
+            except (ValueError, TypeError) as exc:
+                raise where(vpath if overrides else ["methods", mi, "options"], str(exc)) from None
+            train = build(TrainConfig, sections["train"], vpath, where)
+            evalc = build(EvalConfig, sections["eval"], vpath, where)
+            scale = build(ScaleConfig, sections["scale"], vpath, where)
+            for d in spec.datasets:
+                dcls_opts = _resolved_dataset(d)
+                for seed in spec.seeds:
+                    trials.append(TrialConfig(
+                        sweep=spec.name, method=m.name, variant=variant,
+                        method_options=dataclasses.asdict(resolved) if resolved is not None else {},
+                        dataset=dcls_opts, seed=int(seed), train=train, eval=evalc, scale=scale,
+                        resources=spec.resources))
+    names = [t.name for t in trials]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise where(["methods"], f"trials with the same name: {dupes} (give variants/datasets distinct names)")
+    return trials
+
+
+def _resolved_dataset(d: DatasetSpec) -> DatasetSpec:
+    """The dataset spec with its default variant and every option default filled in."""
+    from datasets.registry import DATASETS
+
+    cls = DATASETS.get(d.name)
+    opts = make_options(cls.Options, d.options, f"dataset {d.name!r} options")
+    return dataclasses.replace(d, variant=d.variant or cls.variants[0],
+                               root=str(Path(d.root).expanduser().resolve()) if d.root else None,
+                               options=dataclasses.asdict(opts) if opts is not None else {})
+
+
+def file_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+__all__ = ["TrialConfig", "load_sweep", "spec_from_dict", "expand", "ConfigError", "unknown_key_error", "file_hash"]

@@ -1,0 +1,328 @@
+"""One trial, start to end: data, method, training with checkpoints, evaluation, MLflow logging.
+
+This module does not depend on Ray: ``run_trial`` takes a ``Reporter`` (Ray Tune's in a sweep, a
+plain one when called directly, e.g. by the overhead benchmark). Everything a trial writes to
+MLflow is idempotent, so a trial restarted from a checkpoint continues its run without
+duplicating a step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import random
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from bench.evaluate import build_metrics, evaluate, select_metrics
+from bench.grid import grid_rows, save_grid
+from bench.metrics.base import MetricContext
+from bench.sweep import TrialConfig
+from bench.tracking import TrialRun
+from datasets.base import ExemplarDataset
+from datasets.registry import DATASETS
+from methods.base import BackboneSettings, ExemplarMethod, MethodContext
+from methods.common.weights import is_untrained
+from methods.registry import METHODS
+
+CHECKPOINT_FILE = "trial_state.pt"
+
+
+@dataclass
+class TrialEnv:
+    """Where a trial logs and caches; not part of its identity."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    cache_dir: str
+    tags: Dict[str, str] = field(default_factory=dict)  # git sha, sweep file and hash, ...
+
+
+class Reporter:
+    """How a trial talks to whoever runs it. The default does nothing (direct calls)."""
+
+    def restore_dir(self) -> Optional[Path]:
+        return None
+
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[Path] = None) -> None:
+        pass
+
+
+class Diverged(Exception):
+    pass
+
+
+# ---- data ------------------------------------------------------------------------------------
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> List[int]:
+    """Sample indices of training step ``step``: a pure function of (n, batch size, seed, step).
+
+    The stream is epoch after epoch of seeded permutations, so a resumed trial sees exactly the
+    batches it would have seen without the interruption (the data position is just ``step``).
+    """
+    start = step * batch_size
+    out: List[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
+    return out
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+        self.n, self.bs, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.bs, self.seed, step)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def make_dataset(cfg: TrialConfig, split: str) -> ExemplarDataset:
+    return DATASETS.get(cfg.dataset.name)(cfg.dataset, split, cfg.scale.resolution, cfg.seed)
+
+
+def eval_loader(ds: ExemplarDataset, cfg: TrialConfig):
+    n = min(cfg.eval.num_samples, len(ds))
+    subset = torch.utils.data.Subset(ds, list(range(n)))
+    return torch.utils.data.DataLoader(subset, batch_size=cfg.eval.batch_size, shuffle=False,
+                                       num_workers=cfg.train.num_workers)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG a trial uses, as plain tensors/lists (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.random.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def pick_device(cfg: TrialConfig) -> torch.device:
+    if cfg.resources.gpu > 0 and torch.cuda.is_available():
+        return torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    return torch.device("cpu")
+
+
+def versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "ray", "mlflow", "numpy", "clean-fid", "lpips", "diffusers", "scikit-image"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_method(cfg: TrialConfig, data_info, device: torch.device) -> ExemplarMethod:
+    cls = METHODS.get(cfg.method)
+    options = cls.Options(**cfg.method_options) if cls.Options else None
+    ctx = MethodContext(
+        data=data_info, resolution=cfg.scale.resolution, width=cfg.scale.width, lr_g=cfg.train.lr_g,
+        lr_d=cfg.train.lr_d, beta1=cfg.train.beta1, beta2=cfg.train.beta2, device=device,
+        backbones=BackboneSettings(weights_dir=cfg.train.weights_dir, seed=cfg.seed,
+                                   allow_untrained=cfg.train.allow_untrained_backbones),
+        seed=cfg.seed, total_steps=cfg.train.steps)
+    return cls(options, ctx)
+
+
+def _to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _save_state(path: Path, method: ExemplarMethod, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "state": method.training_state(), "rng": rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, method: ExemplarMethod) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    method.load_training_state(state["state"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ---- the trial -------------------------------------------------------------------------------
+def run_trial(cfg: TrialConfig, env: TrialEnv, reporter: Reporter = Reporter(),
+              line: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train and evaluate one trial; returns {"status", "metrics", "run_id"}."""
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    device = pick_device(cfg)
+    run = TrialRun(env.tracking_uri, env.experiment_id, env.parent_run_id, cfg.name, cfg.key,
+                   tags={"bench.method": cfg.method, "bench.variant": cfg.variant,
+                         "bench.dataset": cfg.dataset_label, "bench.seed": str(cfg.seed),
+                         "bench.sweep": cfg.sweep, **env.tags})
+    if run.already_finished:
+        line(f"[{cfg.name}] already FINISHED in run {run.run_id}: skipped")
+        reporter.report({"status": "SKIPPED", "done_step": cfg.train.steps})
+        return {"status": "SKIPPED", "metrics": {}, "run_id": run.run_id}
+    t_start = time.time()
+    try:
+        return _train_and_evaluate(cfg, env, run, reporter, device, line, t_start)
+    except Diverged as exc:
+        run.set_tags({"bench.diverged": str(exc)})
+        run.finish("DIVERGED")
+        line(f"[{cfg.name}] DIVERGED: {exc}")
+        reporter.report({"status": "DIVERGED"})
+        return {"status": "DIVERGED", "metrics": {}, "run_id": run.run_id}
+    except BaseException as exc:
+        with tempfile.TemporaryDirectory() as d:
+            tb = Path(d) / "traceback.txt"
+            tb.write_text(traceback.format_exc())
+            try:
+                run.log_artifact(tb)
+                run.set_tags({"bench.error": f"{type(exc).__name__}: {exc}"[:4000]})
+                run.finish("FAILED")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise
+
+
+def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
+    seed_everything(cfg.seed)
+    train_ds = make_dataset(cfg, cfg.dataset.train_split)
+    eval_ds = make_dataset(cfg, cfg.dataset.eval_split)
+    method = build_method(cfg, train_ds.info, device)
+    metric_names, skipped_metrics = select_metrics(cfg.eval.metrics, eval_ds.info, method.has_warp)
+    mctx = MetricContext(
+        data=eval_ds.info, device=device, cache_dir=Path(env.cache_dir),
+        backbones=BackboneSettings(weights_dir=cfg.train.weights_dir, seed=cfg.seed,
+                                   allow_untrained=cfg.eval.allow_untrained_backbones),
+        data_key=f"{cfg.dataset_label}|{cfg.dataset.eval_split}|{cfg.dataset.root}|"
+                 f"{sorted(cfg.dataset.options.items())}|n={min(cfg.eval.num_samples, len(eval_ds))}",
+        seed=cfg.seed)
+    metrics = {}
+    for name in metric_names:
+        mctx.options = cfg.eval.metric_options.get(name, {})
+        metrics.update(build_metrics([name], dataclasses.replace(mctx)))
+
+    # Params, tags and the resolved config, once (write-once params make this idempotent).
+    params = cfg.identity()
+    params["data"] = {"train": train_ds.info.params, "eval": eval_ds.info.params,
+                      "train_size": len(train_ds), "eval_size": min(cfg.eval.num_samples, len(eval_ds))}
+    params["metrics_selected"] = ",".join(metric_names)
+    run.log_params(params)
+    provenance = {f"bench.weights.{k}": v for k, v in method.provenance.items()}
+    for mname, m in metrics.items():
+        provenance.update({f"bench.weights.{mname}.{k}": v for k, v in m.provenance.items()})
+    untrained = sorted(k.split("bench.weights.", 1)[1] for k, v in provenance.items() if is_untrained(v))
+    tags = {"bench.trial_config_hash": cfg.key, "bench.device": str(device),
+            "bench.untrained_backbones": ",".join(untrained) if untrained else "none",
+            **{f"bench.version.{k}": v for k, v in versions().items()}, **provenance}
+    if skipped_metrics:
+        tags["bench.metrics_unsupported"] = "; ".join(f"{k}: {v}" for k, v in skipped_metrics.items())
+    run.set_tags(tags)
+    with tempfile.TemporaryDirectory() as d:
+        cfg_file = Path(d) / "config.yaml"
+        cfg_file.write_text(yaml.safe_dump({"trial_key": cfg.key, **cfg.to_dict()}, sort_keys=False))
+        run.log_artifact(cfg_file)
+        skipped = getattr(train_ds, "skipped", []) + getattr(eval_ds, "skipped", [])
+        if skipped:
+            sk = Path(d) / "skipped_samples.txt"
+            sk.write_text("".join(f"{f}\t{why}\n" for f, why in skipped))
+            run.log_artifact(sk)
+
+    # Resume from the runner's checkpoint, if any.
+    start = 0
+    restore = reporter.restore_dir()
+    if restore is not None and (restore / CHECKPOINT_FILE).is_file():
+        start = _load_state(restore / CHECKPOINT_FILE, method)  # the number of steps done
+        line(f"[{cfg.name}] resumed from step {start} (run {run.run_id})")
+    elif run.resumed:
+        line(f"[{cfg.name}] restarting from step 0 in its unfinished run {run.run_id}")
+    method.train()
+
+    steps = cfg.train.steps
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.seed, start, steps),
+        num_workers=cfg.train.num_workers)
+    window: Dict[str, List[float]] = {}
+    t_window, n_window = time.time(), 0
+    step = start
+    for batch in loader:
+        losses = method.train_step(_to(batch, device), step)
+        step += 1
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            run.log_metrics({k: v for k, v in losses.items() if math.isfinite(v)}, step)
+            raise Diverged(f"non-finite loss {', '.join(bad)} at step {step}")
+        for k, v in losses.items():
+            window.setdefault(k, []).append(v)
+        n_window += 1
+        last = step == steps
+        if step % max(1, cfg.train.log_every) == 0 or last:
+            means = {k: float(np.mean(v)) for k, v in window.items()}
+            it_s = n_window / max(time.time() - t_window, 1e-9)
+            means["it_per_s"] = it_s
+            run.log_metrics(means, step)
+            checkpoint = None
+            every = cfg.train.checkpoint_every
+            if (every and step % every == 0) or last:
+                checkpoint = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
+                _save_state(checkpoint / CHECKPOINT_FILE, method, step)
+            reporter.report({"step": step, "steps": steps, "loss": _headline(means), "it_per_s": it_s,
+                             "eta_s": (steps - step) / max(it_s, 1e-9), "status": "TRAINING"}, checkpoint)
+            if checkpoint is not None:
+                _rmtree(checkpoint)
+            window, t_window, n_window = {}, time.time(), 0
+
+    # Evaluation and artifacts.
+    t_eval = time.time()
+    values, grid = evaluate(method, eval_loader(eval_ds, cfg), metrics, device, cfg.eval.grid_samples)
+    values["eval_seconds"] = time.time() - t_eval
+    values["train_seconds"] = t_eval - t_start
+    run.log_metrics(values, steps)
+    settings = {f"metric.{n}.{k}": v for n, m in metrics.items() for k, v in m.settings.items()}
+    run.log_params(settings)
+    with tempfile.TemporaryDirectory() as d:
+        if grid is not None:
+            run.log_artifact(save_grid(grid_rows(*grid), Path(d) / "samples" / "grid.png"), "samples")
+        ckpt = Path(d) / "checkpoint.pt"
+        _save_state(ckpt, method, steps)
+        run.log_artifact(ckpt, "checkpoints")
+    run.finish("FINISHED")
+    elapsed = time.time() - t_start
+    reporter.report({"status": "FINISHED", "step": steps, "steps": steps, "wall_s": elapsed,
+                     **{f"final/{k}": v for k, v in values.items()}})
+    return {"status": "FINISHED", "metrics": values, "run_id": run.run_id, "wall_s": elapsed}
+
+
+def _headline(means: Dict[str, float]) -> float:
+    for k in ("G_total", "loss", "total"):
+        if k in means:
+            return means[k]
+    vals = [v for k, v in means.items() if k != "it_per_s"]
+    return float(sum(vals)) if vals else float("nan")
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
