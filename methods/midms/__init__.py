@@ -1,0 +1,1 @@
+from methods.midms.model import MIDMsMethod  # noqa: F401  (registers "midms")
