@@ -328,19 +328,17 @@ class MIDMsMethod(ExemplarMethod):
         if cycle is not None:
             losses["L_cycle"] = o.w_cycle * cycle
 
-        feats = {}
-        if self.vgg is not None:
-            feats["image"] = {k: v.detach() for k, v in self.vgg(image).items()}
+        f_gt = ({k: v.detach() for k, v in self.vgg(image).items()} if o.w_src > 0 or o.w_perc > 0 else {})
         if o.w_src > 0:
             f_src = self.vgg(self._image(lat_src))
-            l_src = sum(w * F.l1_loss(f_src[k], feats["image"][k]) for k, w in zip(VGG_LAYERS, SRC_WEIGHTS))
+            l_src = sum(w * F.l1_loss(f_src[k], f_gt[k]) for k, w in zip(VGG_LAYERS, SRC_WEIGHTS))
             if phase == "warmup":
                 l_src = l_src + F.mse_loss(r_src, z_src)
             losses["L_src"] = o.w_src * l_src
         if o.w_perc > 0 or (o.w_style > 0 and phase == "joint"):
             f_out = self.vgg(self._image(lat_ref))
             if o.w_perc > 0:
-                losses["L_perc"] = o.w_perc * F.l1_loss(f_out[o.perc_layer], feats["image"][o.perc_layer])
+                losses["L_perc"] = o.w_perc * F.l1_loss(f_out[o.perc_layer], f_gt[o.perc_layer])
             if o.w_style > 0 and phase == "joint":
                 f_ex = self.vgg(exemplar)
                 losses["L_style"] = o.w_style * sum(
