@@ -1,0 +1,1 @@
+from methods.cocosnet.model import CoCosNetMethod  # noqa: F401  (registers "cocosnet")
