@@ -311,10 +311,9 @@ class _InceptionDistance(Metric):
         return fake, digests, real
 
     def _record(self, n_fake: int, n_real: int) -> None:
-        p = self.name
-        self.settings.update({f"{p}_mode": self.mode, f"{p}_backbone": self.extractor.backbone,
-                              f"{p}_n_generated": n_fake, f"{p}_n_real": n_real,
-                              f"{p}_implementation": "clean-fid 0.1.35 (in-memory tensors, uint8)"})
+        self.settings.update({"mode": self.mode, "backbone": self.extractor.backbone,
+                              "n_generated": n_fake, "n_real_distinct": n_real,
+                              "implementation": "clean-fid 0.1.35 (in-memory tensors, uint8)"})
 
     def compute(self):
         raise NotImplementedError
@@ -331,7 +330,7 @@ class _FID(_InceptionDistance):
         stats = self.bank.cache.get_or_compute(
             "refstats", cache_key(bank=self.bank.key, images=digest_of_list(digests)), {"n": len(digests)},
             lambda: {"mu": np.mean(real, axis=0), "sigma": np.cov(real, rowvar=False)})
-        self.settings[f"{self.name}_covariance_rank_deficient"] = min(len(fake), len(real)) <= FEATURE_DIM
+        self.settings["covariance_rank_deficient"] = min(len(fake), len(real)) <= FEATURE_DIM
         return {self.name: fid_from_features(fake, real, (stats["mu"], stats["sigma"]))}
 
 
@@ -342,9 +341,8 @@ class _KID(_InceptionDistance):
         fake, _, real = self._features()
         m = kid_subset_size(len(fake), len(real), self.max_subset)
         self._record(len(fake), len(real))
-        self.settings.update({f"{self.name}_subset_size": m, f"{self.name}_subsets": self.num_subsets,
-                              f"{self.name}_subset_size_requested": self.max_subset,
-                              f"{self.name}_seed": self.ctx.seed})
+        self.settings.update({"subset_size": m, "subsets": self.num_subsets,
+                              "subset_size_requested": self.max_subset, "subset_seed": self.ctx.seed})
         return {self.name: kid_from_features(fake, real, self.num_subsets, self.max_subset, self.ctx.seed)}
 
 
