@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -333,6 +333,3 @@ def first_channel_vis(maps: np.ndarray) -> np.ndarray:
     """A 1-channel map (C, H, W) in [0, 1] as an (H, W, 3) grey picture of channel 0."""
     return np.repeat(maps[0][..., None], 3, axis=2)
 
-
-def pick_channels(maps: np.ndarray, idx: Sequence[int]) -> np.ndarray:
-    return np.ascontiguousarray(maps[list(idx)].transpose(1, 2, 0))

@@ -1,14 +1,18 @@
-"""Reading real datasets safely: errors that name the file (and the list line), image and label
-readers, list parsing, and the skip-bad bookkeeping.
+"""Reading real datasets safely, and the loader the five real datasets share.
 
-Every failure that comes from the data on disk is raised as a ``DatasetError`` whose message
-names the offending file and, when the file came from a list, the list file and line number.
-The harness prints these messages as they are, so nothing here may leak a bare traceback from
-PIL or numpy: those are caught and re-raised with the file named.
+* Errors: every failure that comes from the data on disk is a ``DatasetError`` whose message names
+  the offending file and, when it came from a list, the list file and line number. The harness
+  prints these as they are, so PIL/numpy exceptions are caught here and re-raised with the file
+  named (no bare tracebacks).
+* Readers: images (header-only or fully decoded), label maps (mode and range checks), part masks;
+  list files with line numbers; resizing and padding.
+* ``SkipLog``: with ``skip_bad`` a bad sample is recorded as (file, reason) instead of raised.
+* ``RealDataset``: scanning a split -> checking each sample (skip or raise) -> resolving its
+  exemplar from the ref / self-pair list -> building sample dicts (pseudo exemplars, caching).
+  Dataset modules only describe their layout and condition through its hooks.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +149,7 @@ def open_header(dataset: str, path: Path, origin: Optional[ListLine] = None) -> 
     except UnidentifiedImageError:
         raise _bad(dataset, path, "not a readable image (unknown or corrupt format)", origin) from None
     except OSError as exc:
-        raise _bad(dataset, path, f"cannot be opened: {exc}", origin) from None
+        raise _bad(dataset, path, f"corrupt or truncated image (header unreadable): {exc}", origin) from None
 
 
 def decode(dataset: str, path: Path, origin: Optional[ListLine] = None) -> Image.Image:
@@ -270,11 +274,7 @@ class SkipLog:
         return f"{len(self.skipped)}: {head}{more}"
 
 
-# =============================================================================================
-# The shared real-dataset loader: split scanning -> checks -> exemplar plans -> samples.
-# (Kept here with the bookkeeping it drives; the five dataset modules only describe layouts
-# and conditions through the hooks below.)
-# =============================================================================================
+# ---- the shared real-dataset loader ---------------------------------------------------------
 
 SPLITS = ("train", "val", "test")
 EXEMPLAR_POLICIES = ("pseudo", "ref_list", "self_pair", "random")
@@ -561,6 +561,10 @@ class RealDataset(ExemplarDataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def photo(self, rec: Record) -> np.ndarray:
+        """Only the photo (R, R, 3) in [0, 1] (retrieval needs no condition)."""
+        return self._photo(rec, read_rgb(self.name, rec.image, rec.origin))
+
     def load(self, rec: Record) -> Tuple[np.ndarray, Condition]:
         """The photo (R, R, 3) in [0, 1] and its condition."""
         img = read_rgb(self.name, rec.image, rec.origin)
@@ -648,6 +652,3 @@ def _to_image(arr: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
     return t * 2 - 1
 
-
-def options_field_names(options_cls: type) -> List[str]:
-    return [f.name for f in dataclasses.fields(options_cls)]

@@ -28,6 +28,7 @@ person exemplar the photo itself is the exact target.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -186,6 +187,15 @@ class DeepFashionDataset(RealDataset):
             self.self_pair_name = f"fasion-resize-pairs-{tag}.csv"
         return super()._exemplar_table()
 
+    def _exemplar_record(self, index: int, rng: np.random.Generator) -> Optional[Record]:
+        """Train ref lists as CoCosNet reads DeepFashion's: the easy exemplar is the line's last entry,
+        the hard one a random photo of the split (``get_ref_vgg``)."""
+        if self.is_train and self.policy == "ref_list":
+            if rng.random() < self.options.hard_reference_probability:
+                return self.records[int(rng.integers(0, len(self.records)))]
+            return self._plans[index][-1]
+        return super()._exemplar_record(index, rng)
+
     # ---- keypoints --------------------------------------------------------------------------
     def keypoints(self, rec: Record) -> np.ndarray:
         """(18, 2) keypoints (x, y) in the frame they were annotated in, NaN where missing."""
@@ -228,7 +238,9 @@ class DeepFashionDataset(RealDataset):
         if not path.is_file():
             raise BadSampleError(self.name, path, "pose file not found", rec.origin)
         try:
-            arr = np.loadtxt(path, ndmin=2, dtype=np.float64)
+            with warnings.catch_warnings():  # an empty file is reported below, not as a numpy warning
+                warnings.simplefilter("ignore", UserWarning)
+                arr = np.loadtxt(path, ndmin=2, dtype=np.float64)
         except ValueError as exc:
             raise BadSampleError(self.name, path, f"cannot parse as numbers: {exc}", rec.origin) from None
         if not np.isfinite(arr).all():

@@ -16,7 +16,6 @@ Eval exemplars: ``lsun_church_ref_test.txt`` (300 lines ``key.jpg,ref1.jpg,ref2.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Tuple
 
 from PIL import Image
