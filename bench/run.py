@@ -20,9 +20,11 @@ def list_registered() -> List[str]:
     import datasets  # noqa: F401
     import methods  # noqa: F401
     from bench.metrics import METRICS
+    from bench.plugins import load_plugins
     from datasets.registry import DATASETS
     from methods.registry import METHODS
 
+    load_plugins()
     return ([f"method {n}" for n in METHODS.names()] + [f"dataset {n}" for n in DATASETS.names()]
             + [f"metric {n}" for n in METRICS.names()])
 

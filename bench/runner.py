@@ -72,6 +72,9 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for noisy in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" on every report
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from bench.plugins import load_plugins
+
+    load_plugins()
     cfg = TrialConfig.from_dict(config["trial"])
     env = TrialEnv(**config["env"])
     run_trial(cfg, env, TuneReporter(), line=lambda s: print(s, flush=True))
@@ -93,17 +96,20 @@ def git_sha() -> str:
         return "unknown"
 
 
-def init_ray(opts: RunOptions, log=print) -> None:
+def init_ray(opts: RunOptions, log=print) -> bool:
+    """Start or attach to Ray; False when Ray was already initialised by the caller (tests,
+    notebooks), who then also owns its shutdown."""
     import ray
+
+    if ray.is_initialized():
+        return False
 
     # Trials keep the launch directory as cwd (relative paths in sweeps mean what the user thinks).
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Make this checkout importable in every worker, wherever Ray starts it.
     paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
-                                "RAY_CHDIR_TO_TRIAL_DIR": "0",
-                                "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    runtime_env = {"env_vars": worker_env(paths)}
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
         # Attaching to a cluster: passing num_cpus/num_gpus is an error there (harness.md C.1).
@@ -113,6 +119,16 @@ def init_ray(opts: RunOptions, log=print) -> None:
         ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=opts.num_gpus,
                  runtime_env=runtime_env, include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="WARNING")
+    return True
+
+
+def worker_env(pythonpath: List[str]) -> Dict[str, str]:
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(pythonpath)), "RAY_CHDIR_TO_TRIAL_DIR": "0",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    for var in ("BENCH_PLUGINS", "BENCH_WEIGHTS_DIR", "BENCH_OFFLINE", "TORCH_HOME"):
+        if os.environ.get(var):
+            env[var] = os.environ[var]
+    return env
 
 
 def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print) -> int:
@@ -142,7 +158,7 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
     latest = storage / f"{name}.latest"
     t0 = time.time()
     if todo:
-        init_ray(opts, log)
+        owns_ray = init_ray(opts, log)
         try:
             resources = {"cpu": todo[0].resources.cpu, "gpu": todo[0].resources.gpu}
             trainable = tune.with_resources(tune_trainable, resources)
@@ -180,7 +196,8 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
         finally:
             import ray
 
-            ray.shutdown()
+            if owns_ray:
+                ray.shutdown()
 
     # The summary comes from MLflow: it knows about skipped, resumed and failed trials alike.
     runs = trial_runs(uri, experiment_id, [t.key for t in trials])

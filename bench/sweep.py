@@ -146,6 +146,9 @@ def _validate(spec: SweepSpec, where: _Where) -> None:
     import methods  # noqa: F401  (registers methods)
     import datasets  # noqa: F401
     from bench.metrics import METRICS
+    from bench.plugins import load_plugins
+
+    load_plugins()
     from datasets.registry import DATASETS
     from methods.registry import METHODS
 

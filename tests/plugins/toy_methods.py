@@ -1,0 +1,59 @@
+"""A tiny real method for harness tests, registered as ``toy`` through BENCH_PLUGINS.
+
+It learns a 2-layer conv net from (condition, exemplar) to the photo with an L1 loss, fast
+enough for many trials per test. Switches make it fail or diverge at a chosen step, so the
+harness's handling of both can be tested through the same code paths real methods use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import ExemplarMethod, MethodOutput
+from methods.registry import METHODS
+
+
+@dataclass
+class ToyOptions:
+    width: int = 8  # hidden channels
+    fail_at_step: int = -1  # raise RuntimeError at this step (-1: never)
+    nan_at_step: int = -1  # return a NaN loss from this step on (-1: never)
+    quality: float = 1.0  # scales the learned output towards grey: < 1 is a deliberately worse variant
+
+
+@METHODS.register("toy")
+class ToyMethod(ExemplarMethod):
+    Options = ToyOptions
+
+    def __init__(self, options: ToyOptions, ctx):
+        super().__init__(options, ctx)
+        c = ctx.data.cond_channels + 3
+        self.net = nn.Sequential(nn.Conv2d(c, options.width, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(options.width, 3, 3, padding=1))
+        self.to(ctx.device)
+        self.opt = torch.optim.Adam(self.parameters(), lr=ctx.lr_g * 10)
+
+    def optimizers(self):
+        return {"g": self.opt}
+
+    def _forward(self, batch):
+        return torch.tanh(self.net(torch.cat([batch["cond"], batch["exemplar"]], dim=1))) * self.options.quality
+
+    def train_step(self, batch, step):
+        if step == self.options.fail_at_step:
+            raise RuntimeError(f"toy failure at step {step}")
+        loss = F.l1_loss(self._forward(batch), batch["image"])
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        value = float(loss.detach())
+        if 0 <= self.options.nan_at_step <= step:
+            value = float("nan")
+        return {"l1_loss": value}
+
+    @torch.no_grad()
+    def generate(self, batch):
+        return MethodOutput(output=self._forward(batch))

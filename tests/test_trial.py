@@ -1,0 +1,141 @@
+"""The trial loop without Ray: statuses, idempotent MLflow logging, exact resume from a checkpoint."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from bench.sweep import expand, spec_from_dict
+from bench.tracking import TrialRun, ensure_experiment, parent_run
+from bench.trial import CHECKPOINT_FILE, Reporter, TrialEnv, batch_indices, run_trial
+
+
+def toy_trial(steps=12, **options):
+    raw = {"name": "unit", "methods": [{"name": "toy", "options": options}],
+           "datasets": [{"name": "embedded", "variant": "edge"}],
+           "train": {"steps": steps, "batch_size": 2, "log_every": 2, "checkpoint_every": 4},
+           "eval": {"num_samples": 4, "batch_size": 4, "metrics": ["l1", "psnr", "ssim"], "grid_samples": 2},
+           "scale": {"resolution": 32, "width": 1.0}}
+    return expand(spec_from_dict(raw))[0]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow database for the module (creating one costs seconds); an experiment per test."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root}/mlflow.db", root
+
+
+@pytest.fixture()
+def env(store, request, tmp_path):
+    uri, root = store
+    name = request.node.name
+    exp = ensure_experiment(uri, name, root / "mlartifacts")
+    return TrialEnv(uri, exp, parent_run(uri, exp, name, {}), str(tmp_path / "cache"), {"bench.git_sha": "abc"})
+
+
+class Recorder(Reporter):
+    """Keeps a copy of every checkpoint; optionally hands one back as the restore point."""
+
+    def __init__(self, keep: Path, restore: Path = None):
+        self.keep, self.restore, self.reports = keep, restore, []
+
+    def restore_dir(self):
+        return self.restore
+
+    def report(self, metrics, checkpoint_dir=None):
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.keep / f"step{metrics['step']}")
+
+
+def history(env, run_id, key):
+    return [(m.step, m.value) for m in MlflowClient(env.tracking_uri).get_metric_history(run_id, key)]
+
+
+def test_finished_trial_logs_everything_and_is_skipped_next_time(env, tmp_path):
+    cfg = toy_trial()
+    res = run_trial(cfg, env, Recorder(tmp_path), line=lambda s: None)
+    assert res["status"] == "FINISHED"
+    client = MlflowClient(env.tracking_uri)
+    run = client.get_run(res["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "toy/default/embedded-edge/s0"
+    assert run.data.tags["mlflow.parentRunId"] == env.parent_run_id
+    assert run.data.tags["bench.trial_key"] == cfg.key and run.data.tags["bench.git_sha"] == "abc"
+    assert run.data.params["train.steps"] == "12" and run.data.params["method_options.width"] == "8"
+    assert {"l1", "psnr", "ssim", "l1_loss"} <= set(run.data.metrics)
+    assert [s for s, _ in history(env, res["run_id"], "l1_loss")] == [2, 4, 6, 8, 10, 12]
+    arts = {a.path for a in client.list_artifacts(res["run_id"])}
+    assert {"config.yaml", "samples", "checkpoints"} <= arts
+    assert client.list_artifacts(res["run_id"], "samples")[0].path == "samples/grid.png"
+    again = run_trial(cfg, env, Recorder(tmp_path), line=lambda s: None)
+    assert again["status"] == "SKIPPED" and again["run_id"] == res["run_id"]
+
+
+def test_failure_is_recorded_with_traceback(env, tmp_path):
+    with pytest.raises(RuntimeError, match="toy failure at step 3"):
+        run_trial(toy_trial(fail_at_step=3), env, Recorder(tmp_path), line=lambda s: None)
+    client = MlflowClient(env.tracking_uri)
+    run = client.search_runs([env.experiment_id], "tags.`bench.role` = 'trial'")[0]
+    assert run.info.status == "FAILED" and run.data.tags["bench.status"] == "FAILED"
+    assert "toy failure at step 3" in run.data.tags["bench.error"]
+    local = client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))
+    assert "RuntimeError: toy failure at step 3" in Path(local).read_text()
+
+
+def test_divergence_stops_the_trial_early(env, tmp_path):
+    rec = Recorder(tmp_path)
+    res = run_trial(toy_trial(steps=40, nan_at_step=5), env, rec, line=lambda s: None)
+    assert res["status"] == "DIVERGED"
+    run = MlflowClient(env.tracking_uri).get_run(res["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["bench.status"] == "DIVERGED"
+    assert "step 6" in run.data.tags["bench.diverged"]
+    assert max(r.get("step", 0) for r in rec.reports) < 40  # the budget was not burnt
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(env, tmp_path):
+    torch.set_num_threads(1)
+    cfg = toy_trial(steps=12)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_trial(cfg, env, Recorder(straight), line=lambda s: None)
+    final = torch.load(straight / "step12" / CHECKPOINT_FILE, weights_only=True)["state"]["model"]
+
+    # In another experiment, a run of the same model crashes at step 9 ...
+    exp2 = ensure_experiment(env.tracking_uri, "unit-resume", tmp_path / "mlartifacts2")
+    env2 = TrialEnv(env.tracking_uri, exp2, parent_run(env.tracking_uri, exp2, "unit-resume", {}), env.cache_dir, {})
+    first = tmp_path / "first"
+    first.mkdir()
+    with pytest.raises(RuntimeError):
+        run_trial(toy_trial(steps=12, fail_at_step=9), env2, Recorder(first), line=lambda s: None)
+    # ... and training resumes from its step-8 checkpoint to the end.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    lines = []
+    res = run_trial(cfg, env2, Recorder(resumed, restore=first / "step8"), line=lines.append)
+    assert res["status"] == "FINISHED" and any("resumed from step 8" in l for l in lines)
+    got = torch.load(resumed / "step12" / CHECKPOINT_FILE, weights_only=True)["state"]["model"]
+    assert all(torch.equal(final[k], got[k]) for k in final)  # same data order, same RNG, same result
+
+
+def test_resumed_run_never_logs_a_step_twice(env):
+    run = TrialRun(env.tracking_uri, env.experiment_id, env.parent_run_id, "t", "k1", {})
+    for step in range(1, 6):
+        run.log_metrics({"loss": float(step)}, step)
+    again = TrialRun(env.tracking_uri, env.experiment_id, env.parent_run_id, "t", "k1", {})
+    assert again.resumed and again.run_id == run.run_id and again.last_logged_step == 5
+    written = [again.log_metrics({"loss": 100.0 + step}, step) for step in range(3, 9)]
+    assert written == [0, 0, 0, 1, 1, 1]
+    steps = [s for s, _ in history(env, run.run_id, "loss")]
+    assert steps == sorted(set(steps)) == list(range(1, 9))
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_pure():
+    n, bs = 10, 3
+    stream = [i for step in range(10) for i in batch_indices(n, bs, seed=7, step=step)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert batch_indices(n, bs, 7, 4) == batch_indices(n, bs, 7, 4)
+    assert batch_indices(n, bs, 7, 4) != batch_indices(n, bs, 8, 4)
