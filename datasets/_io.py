@@ -493,8 +493,11 @@ class RealDataset(ExemplarDataset):
             names = [names[0], names[-1]] if self.is_train else [names[0]]  # CoCosNet: easy/hard; test: first
         plan = []
         for n in dict.fromkeys(names):
-            ex = self._lookup(n, where)
-            self.check_record(ex)
+            try:
+                ex = self._lookup(n, where)
+                self.check_record(ex)
+            except BadSampleError as exc:  # say which query loses its exemplar
+                raise BadSampleError(self.name, exc.file, f"{exc.reason} [exemplar of {rec.key}]", exc.origin) from None
             plan.append(ex)
         return plan
 

@@ -101,9 +101,6 @@ class CelebAHQDataset(RealDataset):
             records.append(self._record(int(stem), where))
         return records, str(path)
 
-    def _search_dirs(self) -> List[Path]:
-        return [self.root, self.root / "data", self.root.parent / "data"]
-
     def _record(self, idx: int, where) -> Record:
         sub = self.anno_dir / str(idx // 2000)
         files = {f"part:{p}": sub / f"{idx:05d}_{p}.png" for p in OFFICIAL_PARTS}

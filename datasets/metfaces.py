@@ -111,9 +111,6 @@ class MetFacesDataset(RealDataset):
     def _check(self, rec: Record, full: bool) -> None:
         (decode if full else open_header)(self.name, rec.image, rec.origin)
 
-    def _photo(self, rec: Record, img: Image.Image) -> np.ndarray:
-        return image_to_array(img, self.resolution)
-
     def _condition(self, rec: Record, img: Image.Image) -> Condition:
         r, o = self.resolution, self.options
         if self.variant == "canny":

@@ -68,9 +68,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for split in args.splits:
             report = prepare_split(args.dataset, spec, split, args.resolution, not args.no_progress)
+            computed, reused = report["cache_misses"], report["cache_hits"]
+            cache = (f"cache {computed} computed, {reused} reused in {report['cache_dir']}" if computed + reused
+                     else "all files checked; its conditions are label maps read directly, nothing to cache")
             print(f"{args.dataset}/{split}: {report['size']} samples ready ({report['listed']} listed, "
-                  f"{len(report['skipped'])} skipped); cache {report['cache_misses']} computed, "
-                  f"{report['cache_hits']} reused in {report['cache_dir']}")
+                  f"{len(report['skipped'])} skipped); {cache}")
             for file, reason in report["skipped"]:
                 print(f"  skipped {file}: {reason}")
     except (DatasetError, ValueError, KeyError) as exc:

@@ -124,7 +124,7 @@ def test_ref_list_exemplar_absent_names_list_line(tmp_path):
     root = ade_layout(tmp_path)
     (root / "data/ade20k_ref_test.txt").write_text(
         "ADE_val_00000001.jpg,ADE_train_00000001.jpg\nADE_val_00000002.jpg,ADE_train_00000099.jpg\n")
-    with pytest.raises(BadSampleError, match=r"ADE_train_00000099\.jpg: exemplar not found.*ade20k_ref_test\.txt line 2"):
+    with pytest.raises(BadSampleError, match=r"ADE_train_00000099\.jpg: exemplar not found.*\[exemplar of ADE_val_00000002\.jpg\].*ade20k_ref_test\.txt line 2"):
         load("ade20k", root)
     ds = load("ade20k", root, skip_bad=True)
     assert len(ds) == 1  # val 2: bad exemplar; val 3: no entry
@@ -307,3 +307,12 @@ def test_train_ref_list_easy_and_hard_entries(tmp_path):
     ds = load("deepfashion", froot, split="train", options={"train_exemplars": "ref_list", "hard_reference_probability": 0.0})
     last = torch.from_numpy(ds.photo(ds.records[2]).transpose(2, 0, 1)) * 2 - 1
     assert torch.equal(ds[0]["exemplar"], last)  # the line's last entry
+
+
+def test_colour_label_map_is_rejected(tmp_path):
+    root = ade_layout(tmp_path)
+    arr = np.zeros((24, 24, 3), np.uint8)
+    arr[..., 0] = 120  # a colour-coded map: its colours are not class indices
+    Image.fromarray(arr).save(root / "annotations/validation/ADE_val_00000001.png")
+    with pytest.raises(BadSampleError, match=r"ADE_val_00000001\.png: label map is colour \(RGB\)"):
+        load("ade20k", root, options={"validate": "full"})
