@@ -6,6 +6,7 @@ harness's handling of both can be tested through the same code paths real method
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class ToyOptions:
     fail_at_step: int = -1  # raise RuntimeError at this step (-1: never)
     nan_at_step: int = -1  # return a NaN loss from this step on (-1: never)
     quality: float = 1.0  # scales the learned output towards grey: < 1 is a deliberately worse variant
+    step_seconds: float = 0.0  # sleep per step, so a test can interrupt a trial mid-way
 
 
 @METHODS.register("toy")
@@ -43,6 +45,8 @@ class ToyMethod(ExemplarMethod):
         return torch.tanh(self.net(torch.cat([batch["cond"], batch["exemplar"]], dim=1))) * self.options.quality
 
     def train_step(self, batch, step):
+        if self.options.step_seconds:
+            time.sleep(self.options.step_seconds)
         if step == self.options.fail_at_step:
             raise RuntimeError(f"toy failure at step {step}")
         loss = F.l1_loss(self._forward(batch), batch["image"])
