@@ -83,3 +83,23 @@ def test_quickstart_sweep_logs_what_the_readme_promises(ray_session, tmp_path):
     assert run_sweep(spec.name, trials, opts, log=lines.append) == 0
     assert "skipped 4 finished" in lines
     assert len(children(uri, "quickstart")[2]) == 4
+
+
+def test_spade_on_a_real_fixture_dataset(ray_session, real_fixtures, tmp_path):
+    """SPADE on the real ADE20K samples (mask -> photo, 151 channels) through the same runner."""
+    raw = {"name": "real_smoke", "seeds": [0],
+           "methods": [{"name": "spade"}],
+           "datasets": [{"name": "ade20k", "root": str(real_fixtures / "ade20k"), "max_samples": 4,
+                         "skip_bad": True}],
+           "train": {"steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 1,
+                     "allow_untrained_backbones": True},
+           "eval": {"num_samples": 2, "batch_size": 2, "metrics": ["l1", "psnr", "ssim"]},
+           "scale": {"resolution": 64, "width": 0.0625}, "resources": {"cpu": 1}}
+    trials = expand(spec_from_dict(raw))
+    assert run_sweep("real_smoke", trials, RunOptions(workdir=tmp_path), log=lambda s: None) == 0
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    _, _, kids = children(uri, "real_smoke")
+    assert len(kids) == 1 and kids[0].info.status == "FINISHED"
+    params = kids[0].data.params
+    assert params["dataset.name"] == "ade20k" and "data.train.size" in params
+    assert {"l1", "psnr", "ssim"} <= set(kids[0].data.metrics)

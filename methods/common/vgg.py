@@ -34,20 +34,25 @@ def load_vgg19_features(settings: BackboneSettings, purpose: str = "VGG19") -> T
 
     Shared per process (weights are 548 MB at full size): callers must not modify it.
     """
-    from torchvision.models import vgg19
+    from torchvision.models.vgg import cfgs, make_layers
 
     path = find_weights(VGG19_FILE, VGG19_URL, settings, purpose)
     key = (str(path), settings.seed)
     if key not in _CACHE:
+        # Only the convolutional stack: the classifier (120M parameters) is never used.
+        features = make_layers(cfgs["E"], batch_norm=False)
         if path is None:
             gen_state = torch.random.get_rng_state()
-            torch.manual_seed(settings.seed)  # seeded random init, labelled untrained
-            model = vgg19(weights=None)
+            torch.manual_seed(settings.seed)  # seeded random init (torchvision's VGG init), labelled untrained
+            for m in features.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
             torch.random.set_rng_state(gen_state)
         else:
-            model = vgg19(weights=None)
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        features = model.features.eval()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+        features = features.eval()
         for p in features.parameters():
             p.requires_grad_(False)
         _CACHE[key] = (features, provenance_of(path, settings.seed))
