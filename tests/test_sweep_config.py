@@ -156,3 +156,17 @@ def test_shipped_sweeps_validate():
         text = path.read_text()
         if "profiles:" in text and "smoke:" in text:
             assert expand(load_sweep(str(path), profile="smoke"))
+
+
+def test_readme_sweep_example_is_valid():
+    import re
+
+    import yaml
+
+    from bench.sweep import spec_from_dict
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"### A sweep file.*?```yaml\n(.*?)```", text, re.S).group(1)
+    spec = spec_from_dict(yaml.safe_load(block), "README.md")
+    assert len(expand(spec)) == 3 * 2 * 3
+    assert len(expand(spec_from_dict(yaml.safe_load(block), "README.md", profile="smoke"))) == 3 * 1 * 3
