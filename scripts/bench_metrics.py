@@ -1,0 +1,163 @@
+"""Benchmark of the evaluation metrics on CPU (not a test).
+
+1. Throughput of every metric (images/s through ``update``, plus the one-off ``compute`` time) at
+   64^2 and 256^2 with synthetic images and label maps, seeded random-init backbones (no weights
+   are available offline; the architectures, hence the costs, are the real ones). FID/KID are run
+   twice: the second run reuses the cached real-image features, as the next trial of a sweep does.
+2. SWD: the torch implementation vs the independent numpy implementation of the PGGAN reference
+   in tests/test_metrics_swd.py, on the same images in the reference driver's RNG order: time,
+   speed-up and the largest difference of the values.
+
+    .venv/bin/python scripts/bench_metrics.py [--threads 1] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--threads", type=int, default=1)
+_threads = _pre.parse_known_args()[0].threads
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy/torch load
+    os.environ[_var] = str(_threads)
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Dict, List  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.metrics import METRICS  # noqa: E402
+from bench.metrics import fid as fid_mod  # noqa: E402
+from bench.metrics import swd as tswd  # noqa: E402
+from bench.metrics.base import MetricContext  # noqa: E402
+from bench.metrics.feature_cache import FeatureBank  # noqa: E402
+from datasets.base import DataInfo  # noqa: E402
+from methods.base import BackboneSettings, MethodOutput  # noqa: E402
+
+METRIC_NAMES = ["fid_sources", "kid_sources", "swd", "lpips_gt", "lpips_diversity", "sem_consistency",
+                "sem_consistency_global", "style_relevance", "style_relevance_global"]
+
+
+def synthetic(n: int, size: int, seed: int, classes: int = 6) -> Dict[str, torch.Tensor]:
+    """Smooth random images in [-1, 1] and blocky label maps."""
+    g = torch.Generator().manual_seed(seed)
+    img = F.interpolate(torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, size=(size, size), mode="bicubic",
+                        align_corners=False).clamp(-1, 1)
+    lab = torch.randint(0, classes, (n, 1, 4, 4), generator=g).float()
+    return {"image": img, "label": F.interpolate(lab, size=(size, size), mode="nearest")[:, 0].long()}
+
+
+def run_metric(name: str, size: int, n: int, batch: int, cache_dir: Path) -> Dict[str, float]:
+    info = DataInfo(name="bench", variant="default", split="test", size=n, resolution=size, cond_channels=1,
+                    num_classes=6)
+    ctx = MetricContext(data=info, device=torch.device("cpu"), cache_dir=cache_dir, data_key=f"bench|{size}|{n}",
+                        backbones=BackboneSettings(allow_untrained=True, download=False, seed=0), seed=0,
+                        options={"k": 2} if name == "lpips_diversity" else {})
+    metric = METRICS.get(name)(ctx)
+    real, fake, ex = synthetic(n, size, 1), synthetic(n, size, 2), synthetic(n, size, 3)
+    k = getattr(metric, "exemplars_per_input", 1)
+    images = 0
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        sl = slice(i, i + batch)
+        b = {"image": real["image"][sl], "label": real["label"][sl], "exemplar": ex["image"][sl],
+             "exemplar_label": ex["label"][sl]}
+        if k > 1:
+            outs = [MethodOutput(output=torch.roll(fake["image"][sl], j, dims=0)) for j in range(k)]
+            metric.update_multi(b, outs)
+            images += k * b["image"].shape[0]
+        else:
+            metric.update(b, MethodOutput(output=fake["image"][sl]))
+            images += b["image"].shape[0]
+    t1 = time.perf_counter()
+    metric.compute()
+    t2 = time.perf_counter()
+    return {"images": images, "update_s": t1 - t0, "images_per_s": images / (t1 - t0), "compute_s": t2 - t1}
+
+
+def load_numpy_reference():
+    spec = importlib.util.spec_from_file_location("swd_ref", ROOT / "tests" / "test_metrics_swd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_swd(size: int, n: int, repeats: int) -> Dict[str, object]:
+    ref = load_numpy_reference()
+    rs = np.random.RandomState(1)
+    reals = rs.randint(0, 256, (n, 3, size, size)).astype(np.uint8)
+    fakes = ((reals.astype(np.int32) + np.roll(reals, 1, axis=3)) // 2).astype(np.uint8)
+    t_np, t_torch = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        v_np = ref.NumpySWD(size, np.random.RandomState(0)).run(reals, fakes, 20)
+        t_np.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        v_t = ref.torch_swd_reference_order(reals, fakes, 20, np.random.RandomState(0))
+        t_torch.append(time.perf_counter() - t)
+    diff = np.abs(np.asarray(v_t, np.float64) - np.asarray(v_np, np.float64))
+    return {"size": size, "images_per_set": n, "numpy_s": min(t_np), "torch_s": min(t_torch),
+            "speedup": min(t_np) / min(t_torch), "values_torch": [float(v) for v in v_t],
+            "values_numpy": [float(v) for v in v_np], "max_abs_diff": float(diff.max()),
+            "max_rel_diff": float((diff / np.abs(np.asarray(v_np, np.float64))).max())}
+
+
+def main(argv: List[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (set before import)")
+    ap.add_argument("--n64", type=int, default=32, help="images per metric at 64^2")
+    ap.add_argument("--n256", type=int, default=16, help="images per metric at 256^2")
+    ap.add_argument("--swd-n", type=int, nargs=2, default=[64, 40], help="SWD images per set at 64^2, 256^2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-metrics", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+               "torch": torch.__version__, "numpy": np.__version__, "load_avg_start": os.getloadavg()}
+    print(f"machine: {machine}")
+    results: Dict[str, object] = {"machine": machine, "metrics": {}, "swd": []}
+
+    print("\nSWD, torch vs the numpy PGGAN reference (same images, same RNG order, best of "
+          f"{args.repeats}):")
+    for size, n in zip((64, 256), args.swd_n):
+        r = bench_swd(size, n, args.repeats)
+        results["swd"].append(r)
+        print(f"  {size:>3}^2 x {n} img/set: numpy {r['numpy_s']:.3f} s, torch {r['torch_s']:.3f} s, "
+              f"speed-up {r['speedup']:.1f}x, max |diff| {r['max_abs_diff']:.2e} (rel {r['max_rel_diff']:.1e}); "
+              f"torch {['%.4f' % v for v in r['values_torch']]}")
+
+    if not args.skip_metrics:
+        print("\nper-metric throughput (update images/s; compute = the one-off final step):")
+        with tempfile.TemporaryDirectory() as d:
+            for size, n in ((64, args.n64), (256, args.n256)):
+                for name in METRIC_NAMES:
+                    runs = [name] if name not in ("fid_sources", "kid_sources") else [name, name + " (cached reals)"]
+                    for label in runs:
+                        # each run is a fresh trial process: nothing in memory; the second FID/KID
+                        # run finds the first run's real-image features on disk
+                        FeatureBank._shared.clear()
+                        fid_mod._FAKE_MEMO.clear()
+                        r = run_metric(name, size, n, 8, Path(d) / name)
+                        results["metrics"][f"{label}@{size}"] = r
+                        print(f"  {label:32s} {size:>3}^2  n={r['images']:>3}  {r['images_per_s']:8.2f} img/s  "
+                              f"compute {r['compute_s']:7.2f} s")
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    print(f"\nload average at end: {results['machine']['load_avg_end']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
