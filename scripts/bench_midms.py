@@ -50,19 +50,22 @@ def make(info, total_steps: int, lr: float, ae_lr: float, **kw) -> MIDMsMethod:
     return MIDMsMethod(MIDMsOptions(ae_lr=ae_lr, **kw), ctx)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, lazy init)
-    times = []
+def timed_pair(fn_a, fn_b, repeats: int):
+    """Min seconds of ``fn_a`` and ``fn_b``, run alternately so load from other processes on a
+    shared machine hits both alike (the minimum is the least-disturbed run)."""
+    fn_a(), fn_b()  # warm-up (allocations, lazy init)
+    ta, tb = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    return min(ta), min(tb)
 
 
 @torch.no_grad()
 def inference_times(m: MIDMsMethod, batch, repeats: int) -> dict:
-    """Seconds per image (batch of 1), median of ``repeats``."""
+    """Seconds per image (batch of 1), the minimum over ``repeats`` alternating runs."""
     m.eval()
     one = {k: v[:1] for k, v in batch.items()}
     z_ref = m._latent(one["exemplar"])
@@ -70,18 +73,28 @@ def inference_times(m: MIDMsMethod, batch, repeats: int) -> dict:
     warped = soft_warp(z_ref, corr, m.options.tau, m.latent_hw)
     noise = torch.randn_like(warped)
     iter_enc = m.matching.f_y_iter
-    interleaved = timed(lambda: m._diffuse(warped, z_ref, fx, fy, noise), repeats)
-    m.matching.f_y_iter = None  # the same sampler with re-matching off: plain DDIM, same 4 steps
-    plain = timed(lambda: m._diffuse(warped, z_ref, fx, fy, noise), repeats)
-    m.matching.f_y_iter = iter_enc
-    refine = m.options.refine_noise_level
-    m.options.refine_noise_level = 0.0
-    gen_no_refine = timed(lambda: m.generate(one), repeats)
-    m.options.refine_noise_level = refine
-    gen_full = timed(lambda: m.generate(one), repeats)
+
+    def plain():  # the same sampler with re-matching off: plain DDIM over the same steps
+        m.matching.f_y_iter = None
+        try:
+            return m._diffuse(warped, z_ref, fx, fy, noise)
+        finally:
+            m.matching.f_y_iter = iter_enc
+
+    interleaved, plain_s = timed_pair(lambda: m._diffuse(warped, z_ref, fx, fy, noise), plain, repeats)
+    refine_level = m.options.refine_noise_level
+
+    def no_refine():
+        m.options.refine_noise_level = 0.0
+        try:
+            return m.generate(one)
+        finally:
+            m.options.refine_noise_level = refine_level
+
+    gen_full, gen_no_refine = timed_pair(lambda: m.generate(one), no_refine, repeats)
     steps = len(m._timesteps())
-    return {"denoising_steps": steps, "sampler_interleaved_s": interleaved, "sampler_plain_ddim_s": plain,
-            "interleave_overhead": interleaved / plain - 1.0, "generate_no_refine_s": gen_no_refine,
+    return {"denoising_steps": steps, "sampler_interleaved_s": interleaved, "sampler_plain_ddim_s": plain_s,
+            "interleave_overhead": interleaved / plain_s - 1.0, "generate_no_refine_s": gen_no_refine,
             "generate_with_refine_s": gen_full}
 
 
@@ -100,12 +113,12 @@ def eval_l1(m: MIDMsMethod, eval_batches) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=240, help="training steps of the short run")
+    ap.add_argument("--steps", type=int, default=240, help="training steps of the short run (0: timings only)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4, help="lr_g (matching and UNet), as the smoke profiles")
     ap.add_argument("--ae-lr", type=float, default=1e-4)
     ap.add_argument("--eval-samples", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
+    ap.add_argument("--repeats", type=int, default=10, help="timing repeats (minimum)")
     ap.add_argument("--out", default="results/bench_midms.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -139,7 +152,8 @@ def main() -> None:
                           "losses": {k: round(v, 4) for k, v in losses.items()}})
             print(json.dumps(curve[-1]), flush=True)
     report["train_seconds"] = time.perf_counter() - t_run
-    report["step_seconds"] = {k: {"median": statistics.median(v), "n": len(v)} for k, v in phase_times.items() if v}
+    report["step_seconds"] = {k: {"median": statistics.median(v), "min": min(v), "n": len(v)}
+                              for k, v in phase_times.items() if v}
     report["l1_curve"] = curve
     report["inference_per_image"] = inference_times(m, eval_batches[0], args.repeats)
     out = Path(args.out)

@@ -110,8 +110,9 @@ def load_pretrained_ldm(path: str, timestep_spacing: str, set_alpha_to_one: bool
             "'vqvae' (VQModel) or 'vae' (AutoencoderKL), 'unet' (UNet2DModel) and 'scheduler', e.g. a local copy "
             "of CompVis/ldm-celebahq-256")
     if not root.is_dir():
-        raise PretrainedLDMError(f"midms: pretrained_ldm directory {path!r} (resolved to {root}) does not exist; "
-                                 f"expected {hint}. Unset pretrained_ldm to train the LDM from scratch.")
+        unset = " (an environment variable in it is not set)" if "$" in str(root) else ""
+        raise PretrainedLDMError(f"midms: pretrained_ldm directory {path!r} (resolved to {root}{unset}) does not "
+                                 f"exist; expected {hint}. Unset pretrained_ldm to train the LDM from scratch.")
     if not (root / "model_index.json").is_file():
         raise PretrainedLDMError(f"midms: {root} has no model_index.json; expected {hint}")
     index = json.loads((root / "model_index.json").read_text())
