@@ -280,7 +280,7 @@ def test_registered():
 
 
 def test_train_steps_on_embedded_give_finite_losses():
-    info, batch = make_batch("keypoint", 32, n=4)
+    info, batch = make_batch("keypoint", 32, n=2)
     m = make_method(info, 32, iterations=2)
     for step in range(3):
         losses = m.train_step(batch, step)
@@ -324,18 +324,23 @@ def test_pseudo_exemplar_is_identity_without_distortion():
 # The official VGG file
 # ---------------------------------------------------------------------------------------------
 def test_caffe_vgg_loads_official_layout(tmp_path):
-    # A file in the official key layout (all 16 convs; random values: this tests the loader,
-    # it is not a pretrained network and is labelled by its hash like any file).
-    full = CaffeVGG19(("r52", "r12"))
-    state = {k: torch.randn_like(v) for k, v in full.state_dict().items()}
-    state["conv5_4.weight"] = torch.randn(512, 512, 3, 3)
-    state["conv5_4.bias"] = torch.randn(512)
+    # A file in the official key layout (random values: this tests the loader, it is not a
+    # pretrained network, and it is labelled by its hash like any file). It also holds a deeper
+    # conv than the requested layers need, as the real file does.
+    state = {k: torch.randn_like(v) for k, v in CaffeVGG19(("r12", "r22")).state_dict().items()}
+    state["conv3_1.weight"], state["conv3_1.bias"] = torch.randn(256, 128, 3, 3), torch.randn(256)
     torch.save(state, tmp_path / CAFFE_FILE)
-    vgg = LossVGG("caffe", BackboneSettings(weights_dir=str(tmp_path), download=False))
+    vgg = LossVGG("caffe", BackboneSettings(weights_dir=str(tmp_path), download=False), layers=("r12", "r22"))
     assert vgg.provenance.startswith("sha256:")
-    assert torch.equal(vgg.net.conv1_1.weight, state["conv1_1.weight"])
-    feats = vgg(torch.zeros(1, 3, 32, 32))
-    assert [feats[k].shape[1] for k in ("r12", "r22", "r32", "r42", "r52")] == [64, 128, 256, 512, 512]
+    assert torch.equal(vgg.net.conv2_2.weight, state["conv2_2.weight"])
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    feats = vgg(x)
+    # Caffe preprocessing: [-1, 1] -> [0, 1], RGB -> BGR, minus the BGR mean, x 255
+    bgr = ((x + 1) / 2).flip(1) - torch.tensor([0.40760392, 0.45795686, 0.48501961]).view(1, 3, 1, 1)
+    r11 = F.relu(F.conv2d(bgr * 255, state["conv1_1.weight"], state["conv1_1.bias"], padding=1))
+    r12 = F.relu(F.conv2d(r11, state["conv1_2.weight"], state["conv1_2.bias"], padding=1))
+    assert torch.allclose(feats["r12"], r12, rtol=1e-4, atol=1e-3)
+    assert feats["r22"].shape == (1, 128, 8, 8)
     assert all(not p.requires_grad for p in vgg.net.parameters())
     assert not any(k.startswith("net.") for k in vgg.state_dict())  # kept out of checkpoints
 
