@@ -13,7 +13,7 @@ from datasets.base import DatasetSpec  # noqa: E402
 from datasets.embedded import EmbeddedDataset  # noqa: E402
 from methods.base import BackboneSettings, MethodContext  # noqa: E402
 from methods.cocosnet_v2 import patchmatch as pm  # noqa: E402
-from methods.cocosnet_v2.model import CoCosNetV2Method, CoCosNetV2Options, pseudo_exemplar  # noqa: E402
+from methods.cocosnet_v2.model import CoCosNetV2Method, CoCosNetV2Options, pseudo_exemplar, weighted_l1  # noqa: E402
 from methods.cocosnet_v2.vgg_caffe import CAFFE_FILE, CaffeVGG19, LossVGG  # noqa: E402
 from methods.common.weights import MissingWeightsError  # noqa: E402
 from methods.registry import METHODS  # noqa: E402
@@ -309,6 +309,17 @@ def test_generate_returns_output_and_level_warps():
     for key, w in out.warps.items():
         assert w.shape == (2, 3, int(key), int(key))
         assert float(w.abs().max()) <= 1.0
+
+
+def test_self_reference_weighting():
+    x, y = torch.zeros(4, 3, 2, 2), torch.ones(4, 3, 2, 2)
+    y[1] = 3.0  # sample 1 is not a self-reference: its error must not count
+    self_ref = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    w = self_ref / (self_ref.sum() + 1e-5)
+    assert torch.allclose(weighted_l1(x, y, w), torch.tensor(1.0), atol=1e-4)
+    # official util.weighted_l1_loss: mean(|x - y| * w) = the weighted mean / batch size
+    official = ((x - y).abs() * w.view(-1, 1, 1, 1)).mean()
+    assert torch.allclose(weighted_l1(x, y, w, official=True), official, atol=1e-6)
 
 
 def test_pseudo_exemplar_is_identity_without_distortion():

@@ -103,6 +103,10 @@ class CoCosNetV2Options:
     pseudo_flip: bool = False  # T: horizontal flip (paper: flip; the official command sets --no_flip)
     pseudo_crop: float = 0.15  # T: random crop keeping >= 1 - this of each side (ours: not given)
     pseudo_jitter: float = 0.05  # T: piecewise-smooth warp amplitude, 4x4 control grid (ours)
+    # Reduction of the self-reference losses (L_corr, feature matching): weighted_mean (the mean
+    # over self-reference samples) | official (mean(|x - y| * w), i.e. additionally divided by
+    # the batch size: 1/2 of weighted_mean at the official per-GPU batch of 2)
+    self_ref_reduction: str = "weighted_mean"
     adam_eps_g: float = 1e-3  # generator Adam eps (official create_optimizers eps=1e-3)
     init_gain: float = 0.02  # xavier-normal gain of non-spectral convs (official --init_variance 0.02)
 
@@ -173,13 +177,15 @@ def pseudo_exemplar(image: torch.Tensor, cond: torch.Tensor, flip: bool, crop: f
     return img, cnd
 
 
-def weighted_l1(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def weighted_l1(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, official: bool = False) -> torch.Tensor:
     """Per-sample L1 means weighted by ``w`` (sums to 1 over self-reference samples, else 0).
 
-    The official loss is ``mean(|x - y| * w)``, i.e. additionally divided by the per-GPU batch
-    (2 in the official 8-GPU batch-16 run); this is the plain weighted mean, batch-independent.
+    The official ``util.weighted_l1_loss`` is ``mean(|x - y| * w)``, i.e. additionally divided by
+    the (per-GPU) batch size (``official=True``); by default the plain weighted mean, which does
+    not depend on the batch size.
     """
-    return ((x - y).abs().flatten(1).mean(dim=1) * w).sum()
+    out = ((x - y).abs().flatten(1).mean(dim=1) * w).sum()
+    return out / x.shape[0] if official else out
 
 
 @METHODS.register("cocosnet_v2")
@@ -245,6 +251,8 @@ class CoCosNetV2Method(ExemplarMethod):
             raise ValueError(f"cocosnet_v2: refine_grad must be one of {REFINE_GRADS}, got {o.refine_grad!r}")
         if o.perceptual_layer not in ("r42", "r52"):
             raise ValueError("cocosnet_v2: perceptual_layer must be 'r42' (official 4_2) or 'r52' (5_2)")
+        if o.self_ref_reduction not in ("weighted_mean", "official"):
+            raise ValueError("cocosnet_v2: self_ref_reduction must be 'weighted_mean' or 'official'")
         if not 0.0 <= o.real_reference_probability <= 1.0:
             raise ValueError("cocosnet_v2: real_reference_probability must be in [0, 1]")
 
@@ -296,6 +304,7 @@ class CoCosNetV2Method(ExemplarMethod):
         cond, image = batch["cond"], batch["image"]
         ex, ex_cond, gt, self_ref = self._training_pairs(batch)
         w = self_ref / (self_ref.sum() + 1e-5)
+        off_red = o.self_ref_reduction == "official"
         results, fa, fb = self.correspondence(cond, ex, ex_cond, cycle=o.lambda_warp_cycle > 0)
         warps = [res.warp for res in results]
         fake = self.netG(cond, warps)
@@ -306,7 +315,7 @@ class CoCosNetV2Method(ExemplarMethod):
             losses["G_align"] = o.lambda_align * sum(F.l1_loss(a, p) for a, p in zip(fa, fpair))
         if o.lambda_corr > 0:  # Eq. 12: every level's warp of the pseudo exemplar vs x_B (pooled)
             losses["G_corr"] = o.lambda_corr * sum(
-                weighted_l1(res.warp, F.avg_pool2d(gt, r // res.size) if res.size < r else gt, w)
+                weighted_l1(res.warp, F.avg_pool2d(gt, r // res.size) if res.size < r else gt, w, off_red)
                 for res in results)
         if o.lambda_warp_cycle > 0:
             size = results[0].size
@@ -327,7 +336,7 @@ class CoCosNetV2Method(ExemplarMethod):
             if o.lambda_vgg * o.fm_ratio > 0:  # L_app feature matching, self-reference samples only
                 fw = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
                 losses["G_fm"] = o.lambda_vgg * o.fm_ratio * sum(
-                    c * weighted_l1(f_fake[k], f_gt[k], w) for c, k in zip(fw, ("r12", "r22", "r32", "r42", "r52")))
+                    c * weighted_l1(f_fake[k], f_gt[k], w, off_red) for c, k in zip(fw, ("r12", "r22", "r32", "r42", "r52")))
             if o.lambda_perc > 0:  # L_sem
                 k = o.perceptual_layer
                 losses["G_perc"] = o.lambda_perc * F.mse_loss(f_fake[k], f_gt[k])
