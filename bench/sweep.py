@@ -229,11 +229,12 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
             scale = build(ScaleConfig, sections["scale"], vpath, where)
             for d in spec.datasets:
                 dcls_opts = _resolved_dataset(d)
+                d_scale = dataclasses.replace(scale, resolution=d.resolution) if d.resolution else scale
                 for seed in spec.seeds:
                     trials.append(TrialConfig(
                         sweep=spec.name, method=m.name, variant=variant,
                         method_options=dataclasses.asdict(resolved) if resolved is not None else {},
-                        dataset=dcls_opts, seed=int(seed), train=train, eval=evalc, scale=scale,
+                        dataset=dcls_opts, seed=int(seed), train=train, eval=evalc, scale=d_scale,
                         resources=spec.resources))
     names = [t.name for t in trials]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -56,6 +56,9 @@ class DatasetSpec:
     max_samples: Optional[int] = None  # cap on samples per split (None: all)
     skip_bad: bool = False  # skip unreadable samples (recorded) instead of failing
     options: Dict[str, Any] = field(default_factory=dict)
+    # Run this dataset at its own resolution instead of scale.resolution (the papers compare at
+    # 512 on DeepFashion/MetFaces but 256 on ADE20K within one table).
+    resolution: Optional[int] = None
 
 
 class ExemplarDataset(torch.utils.data.Dataset):
