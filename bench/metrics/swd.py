@@ -17,7 +17,8 @@ Reference: tkarras/progressive_growing_of_gans ``metrics/sliced_wasserstein.py``
 Random numbers come from a ``numpy.random.RandomState`` in the reference's call order, so with
 the same stream this module gives the reference's numbers (tests/test_metrics_swd.py checks it
 against an independent numpy implementation and against the published PGGAN test vector);
-the heavy lifting (blur, gather, projection, sort) runs in torch.
+the heavy lifting (blur, gather, projection) runs in torch; on CPU the sorts use numpy's SIMD
+sort (measured ~5x faster than torch.sort here) on the tensors' memory.
 
 Logged as ``swd`` (the average over levels, CoCosNet's ``SWDx1e3_avg``) and ``swd_l<res>``.
 Real images are the ground truths (``reference_image``), as CoCosNet's fake_B vs real_B.
@@ -38,6 +39,7 @@ NHOODS_PER_IMAGE = 128
 DIR_REPEATS = 4
 DIRS_PER_REPEAT = 128
 MIN_RESOLUTION = 16
+
 
 def level_resolutions(height: int) -> List[int]:
     """PGGAN's levels: the height, halved while it stays >= 16."""
