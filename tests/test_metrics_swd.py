@@ -195,7 +195,7 @@ def test_metric_properties():
     assert set(s) == {"swd", "swd_l32", "swd_l16"}
     assert f["swd"] > 4 * s["swd"]
     assert s["swd"] == pytest.approx((s["swd_l32"] + s["swd_l16"]) / 2)
-    assert same.settings["swd_n_images"] == 16 and same.settings["swd_levels"] == "32,16"
+    assert same.settings["n_images"] == 16 and same.settings["levels"] == "32,16"
 
 
 def test_metric_identical_streams_gives_zero():
@@ -219,4 +219,4 @@ def test_small_sample_guards():
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     m.update({"image": x}, MethodOutput(output=x.flip(0)))
     m.compute()
-    assert m.settings["swd_n_images"] == 3 and m.settings["swd_images_skipped"] == 1
+    assert m.settings["n_images"] == 3 and m.settings["images_skipped"] == 1
