@@ -52,8 +52,8 @@ TORCHSCRIPT_FILE = "inception-2015-12-05.pt"
 PYTORCH_FILE = "pt_inception-2015-12-05-6726825d.pth"
 CLEANFID_TMP_DIR = Path("/tmp")  # where clean-fid itself looks for / downloads the TorchScript file
 FEATURE_DIM = 2048
-STAND_IN = ("clean-fid InceptionV3 (pytorch-fid port of inception-2015-12-05), seeded He-normal init; "
-            "legacy_tensorflow resize stand-in: bilinear align_corners=False inside the net")
+STAND_IN = "stand-in: clean-fid InceptionV3 (pytorch-fid port of inception-2015-12-05), seeded He-normal init"
+STAND_IN_TF_RESIZE = "; the TorchScript's internal resize replaced by bilinear (align_corners=False) to 299"
 
 
 def _torchscript_url() -> str:
@@ -162,7 +162,10 @@ class InceptionExtractor:
         self.untrained = path is None
         self.resize = build_resizer(mode)
         self.net = self._build(mode, path, settings.seed, device)
-        self.backbone = STAND_IN if path is None else f"clean-fid {mode} Inception ({path.name})"
+        if path is None:
+            self.backbone = STAND_IN + (STAND_IN_TF_RESIZE if mode == "legacy_tensorflow" else "")
+        else:
+            self.backbone = f"clean-fid {mode} Inception ({path.name})"
 
     @staticmethod
     def _build(mode: str, path: Optional[Path], seed: int, device: torch.device) -> Callable:

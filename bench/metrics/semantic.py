@@ -29,11 +29,13 @@ import torch.nn.functional as F
 
 from bench.metrics.base import METRICS, Metric, MetricContext, reference_image, to_uint8_hwc
 from methods.common.vgg import VGGFeatures
+from methods.common.weights import is_untrained
 
 SEM_LAYERS = ("relu3_2", "relu4_2", "relu5_2")
 PROTOCOL_SIZE = 256
 BACKBONE_NOTE = ("torchvision VGG19 IMAGENET1K_V1, ImageNet mean/std (authors: Caffe vgg19_conv.pth, "
                  "BGR mean-only; absolute values differ)")
+UNTRAINED_NOTE = "torchvision VGG19 architecture, seeded random init (untrained: numbers are not comparable)"
 
 
 def prepare_images(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -130,7 +132,8 @@ class _VGGMetric(Metric):
 
     def _settings(self) -> Dict[str, object]:
         n = len(next(iter(self.values.values())))
-        return {"backbone": BACKBONE_NOTE, "resolution": self.size, "n_images": n,
+        backbone = UNTRAINED_NOTE if is_untrained(self.vgg.provenance) else BACKBONE_NOTE
+        return {"backbone": backbone, "resolution": self.size, "n_images": n,
                 "layers": ",".join(self.layers), "quantisation": "uint8"}
 
     def _result(self, names: Dict[str, str], mean_name: Optional[str]) -> Dict[str, float]:
