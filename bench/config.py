@@ -34,7 +34,14 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints reported to Ray Tune (0: only at the end)
     log_every: int = 10  # steps between loss logs to MLflow and progress lines
     num_workers: int = 0  # DataLoader worker processes (0: load in the trial process)
+    # Mixed precision (CUDA only): autocast each train step in bfloat16, which needs no grad scaler
+    # (the CoCosNet v2 code's fp16 + GradScaler needs the scaler inside the method's own backward).
+    # On CPU it is ignored and the run records why (tag bench.amp).
+    amp: bool = False
     allow_untrained_backbones: bool = False  # opt-in: random-init VGG etc. in losses, labelled untrained
+    # Data-parallel trials (resources.workers > 1): batch_size is per worker; "linear" multiplies
+    # the learning rates by the number of workers (Goyal et al. 2017), "none" keeps them.
+    lr_scaling: str = "none"
     weights_dir: Optional[str] = None  # where pretrained weights files are looked up first
 
 
@@ -60,6 +67,9 @@ class ResourcesConfig:
     gpu: float = 0.0  # GPUs per trial; fractions share a GPU between trials
     max_concurrent: int = 0  # trials at once (0: as many as the resources allow)
     max_failures: int = 0  # Ray retries of a crashed trial (resumes from its last checkpoint)
+    # Data-parallel workers per trial (Ray Train TorchTrainer, DDP); cpu and gpu above are then
+    # per worker. 1 = train in the trial's own process.
+    workers: int = 1
 
 
 @dataclass

@@ -19,7 +19,7 @@ from bench.progress import ProgressPrinter, summary_table
 from bench.sweep import TrialConfig
 from bench.tracking import (default_tracking_uri, end_parent, ensure_experiment, finished_keys,
                             parent_run, trial_runs)
-from bench.trial import CHECKPOINT_FILE, Reporter, TrialEnv, run_trial
+from bench.trial import Reporter, TrialEnv, copy_checkpoint_out, run_trial
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,17 +45,7 @@ class TuneReporter(Reporter):
         from ray import tune
 
         ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            return None
-        # Copy out of Ray's storage: the checkpoint object is only valid inside this context.
-        import tempfile
-
-        dest = Path(tempfile.mkdtemp(prefix="bench_restore_"))
-        with ckpt.as_directory() as d:
-            src = Path(d) / CHECKPOINT_FILE
-            if src.is_file():
-                (dest / CHECKPOINT_FILE).write_bytes(src.read_bytes())
-        return dest
+        return copy_checkpoint_out(ckpt) if ckpt is not None else None
 
     def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[Path] = None) -> None:
         from ray import tune
@@ -69,6 +59,8 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     import logging
     import warnings
 
+    from ray import tune
+
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for noisy in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" on every report
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -77,6 +69,17 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     load_plugins()
     cfg = TrialConfig.from_dict(config["trial"])
     env = TrialEnv(**config["env"])
+    if cfg.resources.workers > 1:
+        from bench.distributed import launch_data_parallel
+        from bench.tracking import finished_keys
+
+        if finished_keys(env.tracking_uri, env.experiment_id, [cfg.key]):
+            print(f"[{cfg.name}] already FINISHED: skipped", flush=True)
+            tune.report({"status": "SKIPPED"})
+            return
+        launch_data_parallel({"trial": config["trial"], "env": config["env"], "trial_key": cfg.key},
+                             storage_path=config["storage_path"])
+        return
     run_trial(cfg, env, TuneReporter(), line=lambda s: print(s, flush=True))
 
 
@@ -160,7 +163,13 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
     if todo:
         owns_ray = init_ray(opts, log)
         try:
-            resources = {"cpu": todo[0].resources.cpu, "gpu": todo[0].resources.gpu}
+            res = todo[0].resources
+            if res.workers > 1:
+                # A data-parallel trial's own process only launches its Ray Train workers, which
+                # request cpu/gpu each; it holds no CPU (Tune needs some resource: 1 MiB of memory).
+                resources = tune.PlacementGroupFactory([{"CPU": 0, "memory": 2 ** 20}])
+            else:
+                resources = {"cpu": res.cpu, "gpu": res.gpu}
             trainable = tune.with_resources(tune_trainable, resources)
             progress = ProgressPrinter({t.key: t.name for t in todo}, log)
             run_config = tune.RunConfig(
@@ -183,7 +192,8 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
                 exp_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
                 latest.write_text(str(storage / exp_name))
                 run_config.name = exp_name
-                space = {"trial": tune.grid_search([t.to_dict() for t in todo]), "env": env.__dict__}
+                space = {"trial": tune.grid_search([t.to_dict() for t in todo]), "env": env.__dict__,
+                         "storage_path": str(storage)}
                 max_conc = todo[0].resources.max_concurrent or None
                 restored = tune.Tuner(
                     trainable, param_space=space, run_config=run_config,

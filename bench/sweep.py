@@ -57,6 +57,8 @@ class TrialConfig:
         for section, keys in _NOT_IDENTITY.items():
             for k in keys:
                 ident[section].pop(k, None)
+        if self.resources.workers > 1:  # data parallelism changes the effective batch
+            ident["workers"] = self.resources.workers
         return ident
 
     @property
@@ -188,8 +190,10 @@ def _validate(spec: SweepSpec, where: _Where) -> None:
         raise where(["train"], "steps must be >= 0 and batch_size >= 1")
     if spec.eval.num_samples < 1 or spec.eval.batch_size < 1:
         raise where(["eval"], "num_samples and batch_size must be >= 1")
-    if spec.resources.cpu <= 0 or spec.resources.gpu < 0:
-        raise where(["resources"], "cpu must be > 0 and gpu >= 0")
+    if spec.resources.cpu <= 0 or spec.resources.gpu < 0 or spec.resources.workers < 1:
+        raise where(["resources"], "cpu must be > 0, gpu >= 0 and workers >= 1")
+    if spec.train.lr_scaling not in ("none", "linear"):
+        raise where(["train", "lr_scaling"], f"must be 'none' or 'linear', got {spec.train.lr_scaling!r}")
     expand(spec, where)  # variants and options are checked by expanding once
 
 

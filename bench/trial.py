@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import random
+import resource
 import tempfile
 import time
 import traceback
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from bench.distributed import Shard, average_gradients_before_step, broadcast_state
 from bench.evaluate import build_metrics, evaluate, select_metrics
 from bench.grid import grid_rows, save_grid
 from bench.metrics.base import MetricContext
@@ -68,6 +70,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> List[int]:
 
     The stream is epoch after epoch of seeded permutations, so a resumed trial sees exactly the
     batches it would have seen without the interruption (the data position is just ``step``).
+    Data-parallel workers each take their slice of the global batch (``StepBatchSampler``).
     """
     start = step * batch_size
     out: List[int] = []
@@ -79,12 +82,16 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> List[int]:
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
-        self.n, self.bs, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+    """Batches of steps ``start..stop-1``; with a shard, this worker's slice of each global batch
+    (a distributed sampler whose position is the step)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, shard: Shard = Shard()):
+        self.n, self.bs, self.seed, self.start, self.stop, self.shard = n, batch_size, seed, start, stop, shard
 
     def __iter__(self) -> Iterator[List[int]]:
+        r, w = self.shard.rank, self.shard.world
         for step in range(self.start, self.stop):
-            yield batch_indices(self.n, self.bs, self.seed, step)
+            yield batch_indices(self.n, self.bs * w, self.seed, step)[r * self.bs:(r + 1) * self.bs]
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -140,20 +147,48 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def lr_multiplier(cfg: TrialConfig) -> float:
+    """The learning-rate rule for data-parallel trials (recorded as a param)."""
+    return float(cfg.resources.workers) if cfg.train.lr_scaling == "linear" else 1.0
+
+
 def build_method(cfg: TrialConfig, data_info, device: torch.device) -> ExemplarMethod:
     cls = METHODS.get(cfg.method)
     options = cls.Options(**cfg.method_options) if cls.Options else None
+    lr = lr_multiplier(cfg)
     ctx = MethodContext(
-        data=data_info, resolution=cfg.scale.resolution, width=cfg.scale.width, lr_g=cfg.train.lr_g,
-        lr_d=cfg.train.lr_d, beta1=cfg.train.beta1, beta2=cfg.train.beta2, device=device,
+        data=data_info, resolution=cfg.scale.resolution, width=cfg.scale.width, lr_g=cfg.train.lr_g * lr,
+        lr_d=cfg.train.lr_d * lr, beta1=cfg.train.beta1, beta2=cfg.train.beta2, device=device,
         backbones=BackboneSettings(weights_dir=cfg.train.weights_dir, seed=cfg.seed,
                                    allow_untrained=cfg.train.allow_untrained_backbones),
         seed=cfg.seed, total_steps=cfg.train.steps)
     return cls(options, ctx)
 
 
+def peak_memory_mb(device: torch.device) -> Dict[str, float]:
+    """Peak GPU memory (CUDA) or peak resident memory of this process (CPU; Linux ru_maxrss is KiB).
+
+    Ray starts a fresh worker process per trial (reuse_actors=False), so the RSS peak is the trial's.
+    """
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
 def _to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def copy_checkpoint_out(ckpt) -> Path:
+    """Copy a Ray checkpoint's state file to a local temp dir (the checkpoint object is only valid
+    inside the session that returned it)."""
+    dest = Path(tempfile.mkdtemp(prefix="bench_restore_"))
+    with ckpt.as_directory() as d:
+        src = Path(d) / CHECKPOINT_FILE
+        if src.is_file():
+            (dest / CHECKPOINT_FILE).write_bytes(src.read_bytes())
+    return dest
 
 
 def _save_state(path: Path, method: ExemplarMethod, step: int) -> None:
@@ -170,22 +205,36 @@ def _load_state(path: Path, method: ExemplarMethod) -> int:
 
 
 # ---- the trial -------------------------------------------------------------------------------
+class _NoRun:
+    """What data-parallel workers other than rank 0 log to: nothing."""
+
+    run_id = None
+    resumed = already_finished = False
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def run_trial(cfg: TrialConfig, env: TrialEnv, reporter: Reporter = Reporter(),
-              line: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train and evaluate one trial; returns {"status", "metrics", "run_id"}."""
+              line: Callable[[str], None] = print, shard: Shard = Shard()) -> Dict[str, Any]:
+    """Train and evaluate one trial (or one data-parallel worker's part of it);
+    returns {"status", "metrics", "run_id"}."""
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     device = pick_device(cfg)
-    run = TrialRun(env.tracking_uri, env.experiment_id, env.parent_run_id, cfg.name, cfg.key,
-                   tags={"bench.method": cfg.method, "bench.variant": cfg.variant,
-                         "bench.dataset": cfg.dataset_label, "bench.seed": str(cfg.seed),
-                         "bench.sweep": cfg.sweep, **env.tags})
+    if shard.is_main:
+        run = TrialRun(env.tracking_uri, env.experiment_id, env.parent_run_id, cfg.name, cfg.key,
+                       tags={"bench.method": cfg.method, "bench.variant": cfg.variant,
+                             "bench.dataset": cfg.dataset_label, "bench.seed": str(cfg.seed),
+                             "bench.sweep": cfg.sweep, **env.tags})
+    else:
+        run = _NoRun()
     if run.already_finished:
         line(f"[{cfg.name}] already FINISHED in run {run.run_id}: skipped")
         reporter.report({"status": "SKIPPED", "done_step": cfg.train.steps})
         return {"status": "SKIPPED", "metrics": {}, "run_id": run.run_id}
     t_start = time.time()
     try:
-        return _train_and_evaluate(cfg, env, run, reporter, device, line, t_start)
+        return _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard)
     except Diverged as exc:
         run.set_tags({"bench.diverged": str(exc)})
         run.finish("DIVERGED")
@@ -205,11 +254,15 @@ def run_trial(cfg: TrialConfig, env: TrialEnv, reporter: Reporter = Reporter(),
         raise
 
 
-def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
+def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: Shard):
     seed_everything(cfg.seed)
     train_ds = make_dataset(cfg, cfg.dataset.train_split)
     eval_ds = make_dataset(cfg, cfg.dataset.eval_split)
     method = build_method(cfg, train_ds.info, device)
+    if shard.world > 1:
+        broadcast_state(method)
+        average_gradients_before_step(method, shard.world)
+        torch.manual_seed(cfg.seed * 1000 + shard.rank)  # per-worker noise (dropout, diffusion, ...)
     metric_names, skipped_metrics = select_metrics(cfg.eval.metrics, eval_ds.info, method.has_warp)
     mctx = MetricContext(
         data=eval_ds.info, device=device, cache_dir=Path(env.cache_dir),
@@ -219,7 +272,7 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
                  f"{sorted(cfg.dataset.options.items())}|n={min(cfg.eval.num_samples, len(eval_ds))}",
         seed=cfg.seed)
     metrics = {}
-    for name in metric_names:
+    for name in (metric_names if shard.is_main else []):  # only rank 0 evaluates
         mctx.options = cfg.eval.metric_options.get(name, {})
         metrics.update(build_metrics([name], dataclasses.replace(mctx)))
 
@@ -228,6 +281,9 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
     params["data"] = {"train": train_ds.info.params, "eval": eval_ds.info.params,
                       "train_size": len(train_ds), "eval_size": min(cfg.eval.num_samples, len(eval_ds))}
     params["metrics_selected"] = ",".join(metric_names)
+    params["parallel"] = {"workers": shard.world, "batch_per_worker": cfg.train.batch_size,
+                          "effective_batch_size": cfg.train.batch_size * shard.world,
+                          "lr_scaling": cfg.train.lr_scaling, "lr_multiplier": lr_multiplier(cfg)}
     run.log_params(params)
     provenance = {f"bench.weights.{k}": v for k, v in method.provenance.items()}
     for mname, m in metrics.items():
@@ -238,6 +294,11 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
             **{f"bench.version.{k}": v for k, v in versions().items()}, **provenance}
     if skipped_metrics:
         tags["bench.metrics_unsupported"] = "; ".join(f"{k}: {v}" for k, v in skipped_metrics.items())
+    use_amp = cfg.train.amp and device.type == "cuda"
+    if cfg.train.amp:
+        tags["bench.amp"] = "bf16 autocast" if use_amp else "requested but ignored: autocast is CUDA-only here"
+        if not use_amp:
+            line(f"[{cfg.name}] train.amp ignored on {device}: mixed precision runs on CUDA only")
     run.set_tags(tags)
     with tempfile.TemporaryDirectory() as d:
         cfg_file = Path(d) / "config.yaml"
@@ -261,13 +322,14 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
 
     steps = cfg.train.steps
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.seed, start, steps),
+        train_ds, batch_sampler=StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.seed, start, steps, shard),
         num_workers=cfg.train.num_workers)
     window: Dict[str, List[float]] = {}
     t_window, n_window = time.time(), 0
     step = start
     for batch in loader:
-        losses = method.train_step(_to(batch, device), step)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            losses = method.train_step(_to(batch, device), step)
         step += 1
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if bad:
@@ -280,11 +342,12 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
         if step % max(1, cfg.train.log_every) == 0 or last:
             means = {k: float(np.mean(v)) for k, v in window.items()}
             it_s = n_window / max(time.time() - t_window, 1e-9)
-            means["it_per_s"] = it_s
+            means.update(it_per_s=it_s, s_per_step=1.0 / max(it_s, 1e-9),
+                         images_per_s=it_s * cfg.train.batch_size * shard.world)
             run.log_metrics(means, step)
             checkpoint = None
             every = cfg.train.checkpoint_every
-            if (every and step % every == 0) or last:
+            if ((every and step % every == 0) or last) and shard.is_main:
                 checkpoint = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
                 _save_state(checkpoint / CHECKPOINT_FILE, method, step)
             reporter.report({"step": step, "steps": steps, "loss": _headline(means), "it_per_s": it_s,
@@ -293,11 +356,15 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start):
                 _rmtree(checkpoint)
             window, t_window, n_window = {}, time.time(), 0
 
+    if not shard.is_main:  # rank 0 evaluates and logs; the others report once more and leave
+        reporter.report({"status": "WORKER_DONE", "step": steps, "steps": steps})
+        return {"status": "FINISHED", "metrics": {}, "run_id": None}
     # Evaluation and artifacts.
     t_eval = time.time()
     values, grid = evaluate(method, eval_loader(eval_ds, cfg), metrics, device, cfg.eval.grid_samples)
     values["eval_seconds"] = time.time() - t_eval
     values["train_seconds"] = t_eval - t_start
+    values.update(peak_memory_mb(device))
     run.log_metrics(values, steps)
     settings = {f"metric.{n}.{k}": v for n, m in metrics.items() for k, v in m.settings.items()}
     run.log_params(settings)
@@ -318,7 +385,7 @@ def _headline(means: Dict[str, float]) -> float:
     for k in ("G_total", "loss", "total"):
         if k in means:
             return means[k]
-    vals = [v for k, v in means.items() if k != "it_per_s"]
+    vals = [v for k, v in means.items() if k not in ("it_per_s", "s_per_step", "images_per_s")]
     return float(sum(vals)) if vals else float("nan")
 
 
