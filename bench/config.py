@@ -121,13 +121,26 @@ def _type_name(tp) -> str:
 def _coerce(value: Any, tp, path, where: _Where) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if tp is Any:
+    if tp is Any or tp is object:
         return value
-    if origin is Union:  # Optional[X]
+    if origin is Union:  # Optional[X], Union[str, Dict[...]]: the first member that accepts it
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path, where)
+        errors = []
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, member, path, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[-1]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise where(path, f"expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], path + [i], where) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise where(path, f"expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, path + [i], where) for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path, where)
     if origin in (list, List):

@@ -19,7 +19,7 @@ import yaml
 from bench.config import (TRIAL_SECTIONS, ConfigError, EvalConfig, MethodEntry, ResourcesConfig,
                           ScaleConfig, SweepSpec, TrainConfig, _Where, build, parse_override,
                           set_dotted, unknown_key_error)
-from datasets.base import DatasetSpec, make_options
+from datasets.base import DatasetSpec
 
 # Settings that change how a trial is observed, not what it computes: left out of its identity so
 # that, e.g., logging more often does not re-run finished trials.
@@ -174,10 +174,7 @@ def _validate(spec: SweepSpec, where: _Where) -> None:
             raise where(["datasets", i, "name"], str(exc)) from None
         if d.variant is not None and d.variant not in cls.variants:
             raise where(["datasets", i, "variant"], f"unknown variant {d.variant!r}; {d.name} has {list(cls.variants)}")
-        try:
-            make_options(cls.Options, d.options, f"dataset {d.name!r} options")
-        except (ValueError, TypeError) as exc:
-            raise where(["datasets", i, "options"], str(exc)) from None
+        _resolved_dataset(d, ["datasets", i, "options"], where)
     for i, name in enumerate(spec.eval.metrics):
         if name != "all" and name not in METRICS:
             try:
@@ -224,10 +221,8 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
             vpath = ["methods", mi, "variants", variant]
             sections = {s: dataclasses.asdict(getattr(spec, s)) for s in TRIAL_SECTIONS}
             opts = _apply_variant(m, variant, overrides or {}, sections, vpath, where)
-            try:
-                resolved = make_options(method_cls.Options, opts, f"method {m.name!r} options")
-            except (ValueError, TypeError) as exc:
-                raise where(vpath if overrides else ["methods", mi, "options"], str(exc)) from None
+            resolved = _typed_options(method_cls.Options, opts, vpath if overrides else ["methods", mi, "options"],
+                                      where, f"method {m.name!r}")
             train = build(TrainConfig, sections["train"], vpath, where)
             evalc = build(EvalConfig, sections["eval"], vpath, where)
             scale = build(ScaleConfig, sections["scale"], vpath, where)
@@ -247,12 +242,28 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
     return trials
 
 
-def _resolved_dataset(d: DatasetSpec) -> DatasetSpec:
+def _typed_options(options_cls, values, path, where: _Where, what: str):
+    """A method's or dataset's ``Options`` built strictly: unknown keys name the nearest valid one,
+    values are checked and converted to the declared types (YAML lists -> tuples, "1e-4" -> float)."""
+    if options_cls is None:
+        if values:
+            raise where(path, f"{what} takes no options, got {sorted(values)}")
+        return None
+    try:
+        return build(options_cls, values, path, where)
+    except (TypeError, ValueError) as exc:  # __post_init__ checks of the options class
+        if isinstance(exc, ConfigError):
+            raise
+        raise where(path, f"{what}: {exc}") from None
+
+
+def _resolved_dataset(d: DatasetSpec, path=None, where: Optional[_Where] = None) -> DatasetSpec:
     """The dataset spec with its default variant and every option default filled in."""
     from datasets.registry import DATASETS
 
     cls = DATASETS.get(d.name)
-    opts = make_options(cls.Options, d.options, f"dataset {d.name!r} options")
+    opts = _typed_options(cls.Options, d.options, path or ["datasets"], where or _Where("<sweep>"),
+                          f"dataset {d.name!r}")
     return dataclasses.replace(d, variant=d.variant or cls.variants[0],
                                root=str(Path(d.root).expanduser().resolve()) if d.root else None,
                                options=dataclasses.asdict(opts) if opts is not None else {})
