@@ -110,3 +110,27 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "l1_loss")]
         assert steps == list(range(2, 41, 2)), (run.info.run_name, steps)  # continuous, no duplicates
         assert len(client.get_metric_history(run.info.run_id, "l1")) == 1
+
+
+def test_killed_trial_is_retried_from_its_checkpoint_in_the_same_run(ray_session, tmp_path):
+    """The trial's worker process dies mid-way (os._exit); Ray retries it from its last checkpoint
+    (resources.max_failures) and it continues its one MLflow run without duplicated steps."""
+    from bench.runner import RunOptions, run_sweep
+    from bench.sweep import expand, spec_from_dict
+
+    marker = tmp_path / "killed"
+    raw = {"name": "killtrial", "seeds": [0],
+           "methods": [{"name": "toy", "options": {"kill_once_at_step": 7, "kill_marker": str(marker)}}],
+           "datasets": [{"name": "embedded", "variant": "edge"}],
+           "train": {"steps": 12, "batch_size": 2, "log_every": 1, "checkpoint_every": 4},
+           "eval": {"num_samples": 2, "batch_size": 2, "metrics": ["l1"]},
+           "scale": {"resolution": 32}, "resources": {"cpu": 1, "max_failures": 1}}
+    lines = []
+    assert run_sweep("killtrial", expand(spec_from_dict(raw)), RunOptions(workdir=tmp_path), log=lines.append) == 0
+    assert marker.exists()  # the worker really died once
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    exp = client.get_experiment_by_name("killtrial")
+    runs = client.search_runs([exp.experiment_id], "tags.`bench.role` = 'trial'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "l1_loss")]
+    assert steps == list(range(1, 13))  # steps 1-7 before the crash, 8-12 after resuming from step 4

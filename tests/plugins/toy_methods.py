@@ -6,6 +6,7 @@ harness's handling of both can be tested through the same code paths real method
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ class ToyOptions:
     nan_at_step: int = -1  # return a NaN loss from this step on (-1: never)
     quality: float = 1.0  # scales the learned output towards grey: < 1 is a deliberately worse variant
     step_seconds: float = 0.0  # sleep per step, so a test can interrupt a trial mid-way
+    kill_once_at_step: int = -1  # the worker process dies (os._exit) at this step, once ...
+    kill_marker: str = ""  # ... as recorded by creating this file
 
 
 @METHODS.register("toy")
@@ -47,6 +50,10 @@ class ToyMethod(ExemplarMethod):
     def train_step(self, batch, step):
         if self.options.step_seconds:
             time.sleep(self.options.step_seconds)
+        o = self.options
+        if step == o.kill_once_at_step and o.kill_marker and not os.path.exists(o.kill_marker):
+            open(o.kill_marker, "w").close()
+            os._exit(1)  # a hard crash: no exception handling, no MLflow status update
         if step == self.options.fail_at_step:
             raise RuntimeError(f"toy failure at step {step}")
         loss = F.l1_loss(self._forward(batch), batch["image"])
