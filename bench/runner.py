@@ -62,6 +62,9 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     from ray import tune
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # FID on fewer samples than Inception's 2048 dimensions always has a singular covariance;
+    # scipy warns on every such sqrtm. The sample count is recorded with the metric instead.
+    warnings.filterwarnings("ignore", message="Matrix is singular")
     for noisy in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" on every report
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from bench.plugins import load_plugins
@@ -222,6 +225,10 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
         if status != "FINISHED":
             failed.append((t.name, status))
     log(summary_table(rows))
+    untrained = sorted({run.data.tags.get("bench.untrained_backbones") for run in runs.values()} - {None, "none"})
+    if untrained:
+        log(f"note: some numbers above come from untrained (random-init) backbones ({', '.join(untrained)}); "
+            "they are labelled in MLflow (tag bench.untrained_backbones) and not comparable with published ones")
     ok = not failed
     end_parent(uri, parent_id, ok)
     log(f"sweep {name!r}: {len(trials) - len(failed)}/{len(trials)} trials FINISHED in {time.time() - t0:.0f}s")
