@@ -38,7 +38,7 @@ def _rss_kib() -> int:
         return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
-def memory_child(size: int, train: bool) -> dict:
+def memory_child(size: int, train: bool, ckpt: bool = False) -> dict:
     """Runs in a fresh process: one correspondence pass at ``size``^2, returns its measurements."""
     import torch
 
@@ -47,7 +47,8 @@ def memory_child(size: int, train: bool) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     feat = 32
-    net = HierarchicalPatchMatch(feat, iterations=5, refinement="propagation+gru", hidden=32, motion_ch=64)
+    net = HierarchicalPatchMatch(feat, iterations=5, refinement="propagation+gru", hidden=32, motion_ch=64,
+                                 grad_checkpoint=ckpt)
     sizes = [size // f for f in (8, 4, 2, 1)]
     fxs = [normalize_pono_c(torch.randn(1, feat, s, s)).requires_grad_(train) for s in sizes]
     fys = [normalize_pono_c(torch.randn(1, feat, s, s)).requires_grad_(train) for s in sizes]
@@ -70,19 +71,21 @@ def memory_child(size: int, train: bool) -> dict:
             sum(r.warp.sum() for r in res).backward()
     wall2, cpu2 = time.perf_counter() - t1, time.process_time() - c1
     return {
-        "size": size, "mode": "train(fwd+bwd)" if train else "inference", "levels": sizes,
+        "size": size, "mode": ("train+ckpt" if ckpt else "train(fwd+bwd)") if train else "inference",
+        "levels": sizes,
         "peak_bytes": (peak - rss_before) * 1024,
         "baseline_slack_bytes": max(0, maxrss_before - rss_before) * 1024,  # > 0 would hide peaks
         "wall_s_cold": wall, "cpu_s_cold": cpu, "wall_s": wall2, "cpu_s": cpu2,
     }
 
 
-def run_memory(sizes, train: bool) -> list:
+def run_memory(sizes, train: bool, ckpt: bool = False) -> list:
     rows = []
     for size in sizes:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                    OMP_NUM_THREADS="1")
-        cmd = [sys.executable, __file__, "--child-size", str(size)] + (["--child-train"] if train else [])
+        cmd = ([sys.executable, __file__, "--child-size", str(size)] + (["--child-train"] if train else [])
+               + (["--child-ckpt"] if ckpt else []))
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         hw = size * size
@@ -163,6 +166,8 @@ def main() -> None:
     ap.add_argument("--part", choices=("memory", "learn", "all"), default="all")
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--train-mode", action="store_true", help="also measure forward+backward memory")
+    ap.add_argument("--grad-checkpoint", action="store_true",
+                    help="with --train-mode: also measure it with per-iteration gradient checkpointing")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variant", default="mask", choices=("mask", "edge", "keypoint"))
     ap.add_argument("--eval-samples", type=int, default=16)
@@ -171,9 +176,10 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=None, help="write all numbers to this JSON file")
     ap.add_argument("--child-size", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-ckpt", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_size is not None:
-        print(json.dumps(memory_child(args.child_size, args.child_train)))
+        print(json.dumps(memory_child(args.child_size, args.child_train, args.child_ckpt)))
         return
     report: dict = {}
     if args.part in ("memory", "all"):
@@ -184,6 +190,8 @@ def main() -> None:
             print(f"256^2 target (<= 2 % of v1's dense memory): {'PASS' if ok else 'FAIL'}", flush=True)
         if args.train_mode:
             report["memory_train"] = run_memory(args.sizes, train=True)
+            if args.grad_checkpoint:
+                report["memory_train_ckpt"] = run_memory(args.sizes, train=True, ckpt=True)
     if args.part in ("learn", "all"):
         report["learning"] = run_learning(args.steps, args.variant, args.eval_samples, args.seed, args.log_every)
     if args.out:

@@ -272,6 +272,30 @@ def test_official_nograd_gives_the_gru_no_gradient():
     assert others == []  # the features still learn through the matching scores
 
 
+def test_grad_checkpoint_gives_identical_values_and_gradients():
+    torch.manual_seed(6)
+    sizes = (4, 8, 16)
+    fxs0 = [pm.normalize_pono_c(torch.randn(2, 8, s, s)) for s in sizes]
+    fys0 = [pm.normalize_pono_c(torch.randn(2, 8, s, s)) for s in sizes]
+    img = torch.rand(2, 3, 16, 16)
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(7)
+        net = pm.HierarchicalPatchMatch(8, iterations=3, hidden=8, motion_ch=40, grad_checkpoint=ckpt)
+        fxs = [f.clone().requires_grad_() for f in fxs0]
+        fys = [f.clone().requires_grad_() for f in fys0]
+        torch.manual_seed(8)  # same propagation orders
+        res = net(fxs, fys, img)
+        (sum((r.warp * torch.linspace(-1, 1, r.warp.numel()).view_as(r.warp)).sum() for r in res)).backward()
+        runs.append(([r.warp.detach() for r in res], [f.grad for f in fxs + fys],
+                     {n: p.grad for n, p in net.named_parameters()}))
+    (w0, g0, p0), (w1, g1, p1) = runs
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(w0, w1))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1))
+    assert p0.keys() == p1.keys() and all(p0[n] is not None and torch.allclose(p0[n], p1[n], atol=1e-5)
+                                          for n in p0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training and generation
 # ---------------------------------------------------------------------------------------------

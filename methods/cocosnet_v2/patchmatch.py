@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 REFINEMENTS = ("propagation", "gru", "propagation+conv", "propagation+gru")
 REFINE_GRADS = ("differentiable", "official_nograd")
@@ -331,8 +332,11 @@ class HierarchicalPatchMatch(nn.Module):
     def __init__(self, feat_ch: int, *, k_window: int = 4, dilation: int = 2, centering: int = 1,
                  iterations: int = 5, temperature: float = 0.01, refinement: str = "propagation+gru",
                  refine_grad: str = "differentiable", hidden: int = 32, motion_ch: int = 64,
-                 hidden_init: str = "zero"):
+                 hidden_init: str = "zero", grad_checkpoint: bool = False):
         super().__init__()
+        # Recompute each iteration in the backward pass (differentiable mode, training only):
+        # the same values and gradients, with activation memory of one iteration instead of all.
+        self.grad_checkpoint = grad_checkpoint
         if refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, got {refinement!r}")
         if refine_grad not in REFINE_GRADS:
@@ -367,41 +371,50 @@ class HierarchicalPatchMatch(nn.Module):
         return LevelResult(h, pos, score, warp, cyc)
 
     # -- one PatchMatch level -----------------------------------------------------------------
+    def _iteration(self, fx, fy, ctx, grid, order, pos, hidden):
+        """One PatchMatch iteration: propagation (Eq. 5) then refinement (Eq. 6-7)."""
+        b, _, h, w = fx.shape
+        nograd = self.refine_grad == "official_nograd"
+        if self.use_propagation:
+            for j, direction in enumerate(order):
+                cand = propagate(pos, direction)
+                last = j == len(order) - 1  # only the last evaluation's scores are used (S_t)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not nograd):
+                    pos, scores = evaluate(fx, fy, cand, self.k, with_scores=last)
+        else:
+            scores = candidate_scores(fx, fy, pos)
+        if self.refiner is None:
+            return pos, hidden
+        offsets = (pos - grid) * (2.0 / max(h, w))  # resolution-free input for a shared refiner
+        hidden, delta = self.refiner(hidden, ctx, offsets.flatten(1, 2), scores)
+        pos = pos + delta.view(b, self.k, 2, h, w)  # pixel units, as the official offsets
+        # official: indices by truncation under no_grad -> the refiner gets no gradient
+        pos = truncate_to_index(pos, h, w) if nograd else clamp_pos(pos, h, w)
+        return pos, hidden
+
     def patchmatch_level(self, fx: torch.Tensor, fy: torch.Tensor, image: torch.Tensor,
                          init: torch.Tensor) -> LevelResult:
         b, _, h, w = fx.shape
-        nograd = self.refine_grad == "official_nograd"
-        pos = init
-        scores = None
-        ctx = hidden = None
+        pos, ctx, hidden = init, None, None
         if self.refiner is not None:
             ctx, hidden = self.refiner.start(fx, fy)
         grid = pixel_grid(b, h, w, fx.device, fx.dtype)
+        recompute = self.grad_checkpoint and torch.is_grad_enabled() and self.refine_grad == "differentiable"
         for _ in range(self.iterations):
+            # official PatchMatchOnce: horizontal-then-vertical or the reverse, with p = 0.5 each
+            order = ("horizontal", "vertical") if torch.rand(()) < 0.5 else ("vertical", "horizontal")
             if self.use_propagation:
-                order = ("horizontal", "vertical") if torch.rand(()) < 0.5 else ("vertical", "horizontal")
-                for j, direction in enumerate(order):
-                    self.stats["propagate"] += 1
-                    self.stats["evaluate"] += 1
-                    cand = propagate(pos, direction)
-                    last = j == len(order) - 1  # only the last evaluation's scores are used (S_t)
-                    if nograd:
-                        with torch.no_grad():
-                            pos, scores = evaluate(fx, fy, cand, self.k, with_scores=last)
-                    else:
-                        pos, scores = evaluate(fx, fy, cand, self.k, with_scores=last)
+                self.stats["propagate"] += len(order)
+                self.stats["evaluate"] += len(order)
             else:
                 self.stats["evaluate"] += 1
-                scores = candidate_scores(fx, fy, pos)
-            if self.refiner is None:
-                continue
-            self.stats["refine_" + self.refiner.kind] += 1
-            offsets = (pos - grid) * (2.0 / max(h, w))  # resolution-free input for a shared refiner
-            hidden, delta = self.refiner(hidden, ctx, offsets.flatten(1, 2), scores)
-            delta = delta.view(b, self.k, 2, h, w)  # pixel units, as the official offsets
-            pos = pos + delta
-            # official: indices by truncation under no_grad -> the refiner gets no gradient
-            pos = truncate_to_index(pos, h, w) if nograd else clamp_pos(pos, h, w)
+            if self.refiner is not None:
+                self.stats["refine_" + self.refiner.kind] += 1
+            if recompute:  # keep only each iteration's inputs; recompute its inside in backward
+                pos, hidden = checkpoint(self._iteration, fx, fy, ctx, grid, order, pos, hidden,
+                                         use_reentrant=False)
+            else:
+                pos, hidden = self._iteration(fx, fy, ctx, grid, order, pos, hidden)
         final = candidate_scores(fx, fy, pos)
         weights = F.softmax(final / self.temperature, dim=1)
         warp = soft_warp(image, pos, weights)
