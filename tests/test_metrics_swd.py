@@ -97,9 +97,10 @@ def torch_swd_reference_order(reals, fakes, minibatch, rng):
     acc = tswd.SWDAccumulator(reals.shape[2], rng, rng, rng)
     for i in range(0, len(reals), minibatch):
         acc.feed("real", torch.from_numpy(reals[i:i + minibatch]))
-    for lod in range(len(acc.resolutions)):  # the driver's reals-vs-reals pass consumes directions
-        r = tswd.finalize_descriptors(acc.desc["real"][lod])
-        tswd.sliced_wasserstein(r, r, rng)
+    with tswd.single_threaded_torch():  # as the accumulator runs its own work
+        for lod in range(len(acc.resolutions)):  # the driver's reals-vs-reals pass consumes directions
+            r = tswd.finalize_descriptors(acc.desc["real"][lod])
+            tswd.sliced_wasserstein(r, r, rng)
     for i in range(0, len(fakes), minibatch):
         acc.feed("fake", torch.from_numpy(fakes[i:i + minibatch]))
     dist = acc.distances()

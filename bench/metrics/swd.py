@@ -25,7 +25,7 @@ Real images are the ground truths (``reference_image``), as CoCosNet's fake_B vs
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -163,27 +163,32 @@ def finalize_descriptors(desc: Sequence[torch.Tensor]) -> torch.Tensor:
     return d.reshape(d.shape[0], -1)
 
 
-_POOLS: Dict[int, ThreadPoolExecutor] = {}
-
-
 def _sort_rows_inplace(x: torch.Tensor) -> np.ndarray:
     """Sort each row of a (directions, patches) projection matrix, in place on CPU.
 
     numpy's SIMD sort (x86-simd-sort) is ~5x faster than torch.sort on CPU and, on contiguous
-    rows, ~3x faster than the reference's column sort; it releases the GIL, so row blocks are
-    sorted on ``torch.get_num_threads()`` threads.
+    rows, ~3x faster than the reference's column sort.
     """
     if x.device.type != "cpu":
         return torch.sort(x, dim=1).values.cpu().numpy()
     arr = x.numpy()
-    threads = max(1, torch.get_num_threads())
-    if threads == 1 or arr.shape[0] < 2 * threads:
-        arr.sort(axis=1)
-        return arr
-    pool = _POOLS.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="swd-sort"))
-    bounds = np.linspace(0, arr.shape[0], threads + 1).astype(int)
-    list(pool.map(lambda i: arr[bounds[i]:bounds[i + 1]].sort(axis=1), range(threads)))
+    arr.sort(axis=1)
     return arr
+
+
+@contextlib.contextmanager
+def single_threaded_torch():
+    """Run torch ops on one thread for the duration (restored after).
+
+    SWD's torch work is many small memory-bound ops; on a shared 2-core machine, OpenMP's
+    barriers made them ~5x slower with 2 threads than with 1 (measured, load ~10).
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, rng: np.random.RandomState,
@@ -233,8 +238,9 @@ class SWDAccumulator:
         """(N, 3, H, W) images with 0..255 values (uint8 or float)."""
         if images.shape[2] != self.resolutions[0]:
             raise ValueError(f"SWD: image height {images.shape[2]} != {self.resolutions[0]} of earlier images")
-        for lod, level in enumerate(laplacian_pyramid(images, len(self.resolutions))):
-            self.desc[which][lod].append(patch_descriptors(level, self.rng[which]))
+        with single_threaded_torch():
+            for lod, level in enumerate(laplacian_pyramid(images, len(self.resolutions))):
+                self.desc[which][lod].append(patch_descriptors(level, self.rng[which]))
         self.count[which] += images.shape[0]
 
     def distances(self) -> List[float]:
@@ -245,10 +251,11 @@ class SWDAccumulator:
         if self.count["real"] == 0:
             raise ValueError("SWD: no images were fed")
         out = []
-        for lod in range(len(self.resolutions)):
-            real = finalize_descriptors(self.desc["real"][lod])
-            fake = finalize_descriptors(self.desc["fake"][lod])
-            out.append(1e3 * sliced_wasserstein(real, fake, self.rng_dirs))
+        with single_threaded_torch():
+            for lod in range(len(self.resolutions)):
+                real = finalize_descriptors(self.desc["real"][lod])
+                fake = finalize_descriptors(self.desc["fake"][lod])
+                out.append(1e3 * sliced_wasserstein(real, fake, self.rng_dirs))
         return out
 
 
