@@ -28,6 +28,14 @@ def real_fixtures() -> Path:
     return root
 
 
+@pytest.fixture()
+def offline_weights(monkeypatch, tmp_path):
+    """No weights anywhere and no network: every pretrained network must be found or opted out of."""
+    monkeypatch.setenv("BENCH_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("BENCH_WEIGHTS_DIR", raising=False)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every in-process sweep test (saves ~5 s of start-up per sweep)."""

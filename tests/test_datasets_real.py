@@ -8,7 +8,6 @@ never into the repository).
 """
 from __future__ import annotations
 
-import os
 
 import json
 import shutil
@@ -26,18 +25,7 @@ from datasets.registry import DATASETS
 R = 64
 
 
-def _fixtures_root() -> Path:
-    """../shared/fixtures/real next to the repository, or $BENCH_FIXTURES."""
-    env = os.environ.get("BENCH_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"
-
-
-@pytest.fixture(scope="module")
-def real_fixtures() -> Path:
-    root = _fixtures_root()
-    if not root.is_dir():
-        pytest.skip(f"real dataset fixtures not found at {root} (set BENCH_FIXTURES)")
-    return root
+# real_fixtures: the session fixture in conftest.py (skips with a reason when the folder is absent)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 path as the command line, without paying for a new interpreter)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,7 @@ from datasets.base import DatasetSpec
 from datasets.registry import DATASETS
 
 
-def _fixtures_root() -> Path:
-    """../shared/fixtures/real next to the repository, or $BENCH_FIXTURES."""
-    env = os.environ.get("BENCH_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"
-
-
-@pytest.fixture(scope="module")
-def real_fixtures() -> Path:
-    root = _fixtures_root()
-    if not root.is_dir():
-        pytest.skip(f"real dataset fixtures not found at {root} (set BENCH_FIXTURES)")
-    return root
+# real_fixtures: the session fixture in conftest.py (skips with a reason when the folder is absent)
 
 
 @pytest.fixture(autouse=True)

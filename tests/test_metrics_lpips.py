@@ -19,11 +19,7 @@ from methods.common.weights import MissingWeightsError
 UNTRAINED = BackboneSettings(allow_untrained=True, download=False, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("BENCH_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv("BENCH_WEIGHTS_DIR", raising=False)
+pytestmark = pytest.mark.usefixtures("offline_weights")
 
 
 def _ctx(options=None, backbones=UNTRAINED):

@@ -22,10 +22,7 @@ UNTRAINED = BackboneSettings(allow_untrained=True, download=False, seed=0)
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("BENCH_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv("BENCH_WEIGHTS_DIR", raising=False)
+def _offline(offline_weights, monkeypatch, tmp_path):
     torch.set_num_threads(1)
 
 
