@@ -214,7 +214,8 @@ def render(results: List[Result]) -> str:
     body = []
     for r in results:
         obs = _f(r.observed) + (f" ± {_f(r.ci95, 3)}" if math.isfinite(r.ci95) else "")
-        delta = "-" if not math.isfinite(r.observed) else f"{r.delta:+.4f}"
+        d = r.delta if math.isfinite(r.observed) and abs(r.delta) >= 5e-5 else 0.0  # no "-0.0000"
+        delta = "-" if not math.isfinite(r.observed) else f"{d:+.4f}"
         body.append([r.entry, r.metric, r.rule, _f(r.expected), _f(r.tolerance, 3), obs, str(r.n), delta, r.status])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

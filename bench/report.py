@@ -48,7 +48,8 @@ def build_report(name: str, tracking_uri: Optional[str] = None, workdir: Path = 
 
     runset = load_runs(experiment, uri)
     published = load_published(published_file)
-    tables = summary_tables(runset, published) + paper_tables(runset, published)
+    omitted: List[str] = []
+    tables = summary_tables(runset, published) + paper_tables(runset, published, omitted)
     for t in tables:
         d = out / "tables"
         d.mkdir(exist_ok=True)
@@ -69,14 +70,14 @@ def build_report(name: str, tracking_uri: Optional[str] = None, workdir: Path = 
         plots = axis_plots(runset, published, out / "plots") + training_curves(runset, out / "plots")
         figures, notes = qualitative_figures(runset, out / "figures", seed=figure_seed)
     index = out / "index.md"
-    index.write_text(render_index(runset, tables, plots, figures, notes, out))
+    index.write_text(render_index(runset, tables, plots, figures, notes, out, omitted))
     if log_to_mlflow and runset.parent_run_id:
         _log(runset, out)
     return index
 
 
 def render_index(runset: RunSet, tables: List[Table], plots: List[Path], figures: List[Path], notes: List[str],
-                 out: Path) -> str:
+                 out: Path, omitted: List[str] = ()) -> str:
     df = runset.runs
     lines = [f"# Report: {runset.experiment}", "",
              f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} from MLflow `{runset.tracking_uri}` "
@@ -97,10 +98,13 @@ def render_index(runset: RunSet, tables: List[Table], plots: List[Path], figures
         lines += ["## Summary tables", ""]
         for t in summaries:
             lines += [to_markdown(t), f"[LaTeX](tables/{t.id}.tex) · [CSV](tables/{t.id}.csv)", ""]
-    if papers:
+    if papers or omitted:
         lines += ["## In the papers' layout", ""]
         for t in papers:
             lines += [to_markdown(t), f"[LaTeX](tables/{t.id}.tex) · [CSV](tables/{t.id}.csv)", ""]
+        if omitted:
+            lines += [f"Not shown: {', '.join(omitted)} (comparison tables with a row of this sweep, but this "
+                      "sweep ran none of their datasets; reports/published.yaml has their numbers).", ""]
     pngs = [p for p in plots if p.suffix == ".png"]
     if pngs:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in pngs] + [""]

@@ -96,10 +96,15 @@ def metric_info(key: str) -> Optional[MetricInfo]:
     return None
 
 
-def metric_sort_key(key: str) -> Tuple[int, str]:
+FAMILY_RANK = {f: i for i, (f, _) in enumerate(FAMILIES)}
+
+
+def metric_sort_key(key: str) -> Tuple[int, int, str]:
+    """Families in table order, then the papers' column order inside a family, then by name."""
     info = metric_info(key)
-    order = FAMILY_ORDER.get(info.family if info else "", [])
-    return (order.index(key) if key in order else len(order), key)
+    family = info.family if info else ""
+    order = FAMILY_ORDER.get(family, [])
+    return (FAMILY_RANK.get(family, len(FAMILY_RANK)), order.index(key) if key in order else len(order), key)
 
 
 METRIC_SOURCES = {i.source for i in _FIXED.values() if i.source} | {"sem_consistency_global", "warp", "swd"}

@@ -125,4 +125,5 @@ def _figure(blocks: List[Tuple[str, GridRows]], dataset: str, seed: int, stem: P
             s.set_visible(False)
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(f"{dataset}, seed {seed}: exemplars, warps and outputs per method", fontsize=8)
+    fig.tight_layout(h_pad=0.3)
     return save(fig, stem)

@@ -200,8 +200,12 @@ def training_curves(runset: RunSet, out_dir: Path) -> List[Path]:
         if not keys:
             continue
         hist = histories(runset, grp["run_id"].tolist(), keys)
-        fig, axs = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.2), squeeze=False)
-        for ax, k in zip(axs[0], keys):
+        ncols = min(3, len(keys))
+        nrows = math.ceil(len(keys) / ncols)
+        fig, axs = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 2.9 * nrows + 0.4), squeeze=False)
+        for ax in axs.flat[len(keys):]:
+            ax.set_visible(False)
+        for ax, k in zip(axs.flat, keys):
             for variant, vg in grp.groupby("variant", sort=False):
                 series = [hist[(rid, k)] for rid in vg["run_id"] if (rid, k) in hist]
                 if not series:

@@ -187,9 +187,15 @@ def summary_tables(runset: RunSet, published: Sequence[PublishedTable]) -> List[
     return out
 
 
-def paper_tables(runset: RunSet, published: Sequence[PublishedTable]) -> List[Table]:
+def paper_tables(runset: RunSet, published: Sequence[PublishedTable],
+                 omitted: Optional[List[str]] = None) -> List[Table]:
     """One table per published table that has at least one row in the sweep: the paper's rows
-    (those we ran) in its order; the paper's datasets first, then the sweep's other datasets."""
+    (those we ran) in its order; the paper's datasets first, then the sweep's other datasets.
+
+    A comparison table (rows = methods) is left out, and named in ``omitted``, when the sweep ran
+    none of its datasets: a quickstart on embedded data would otherwise get every paper's table.
+    Ablation tables (rows = method/variant) are kept, so a smoke profile shows the paper's layout.
+    """
     df = runset.runs
     if df.empty:
         return []
@@ -228,6 +234,10 @@ def paper_tables(runset: RunSet, published: Sequence[PublishedTable]) -> List[Ta
                 if any((r.key, ds, m) in cells or (r.key, ds, m) in pub for r in rows)]
         if not any((r.key, *c) in cells for r in rows for c in cols):
             continue  # none of its metrics was computed by this sweep
+        if not any(c in pt.datasets for c in canon.values()) and not all("/" in k for k in pt.rows):
+            if omitted is not None:
+                omitted.append(pt.id)
+            continue
         notes = []
         if not any((r.key, *c) in cells and (r.key, *c) in pub for r in rows for c in cols):
             notes.append(f"This sweep ran none of the paper's datasets ({', '.join(pt.datasets)}): "

@@ -194,7 +194,13 @@ def test_paper_table_on_another_dataset_keeps_columns_apart(tmp_path, empty_stor
     s = Store(tmp_path, empty_store)
     for v, fid in (("noise_20", 50.0), ("noise_25", 40.0)):
         s.trial("midms", v, "embedded-edge", 0, {"fid_sources": fid})
-    t = next(t for t in paper_tables(load_runs("hand", s.uri), load_published()) if t.id == "midms_table4")
+    s.trial("spade", "default", "embedded-edge", 0, {"fid_sources": 60.0})
+    omitted = []
+    tables = paper_tables(load_runs("hand", s.uri), load_published(), omitted)
+    # Ablation layouts are kept for a smoke run; comparison tables of datasets it never ran are not.
+    assert [t.id for t in tables] == ["midms_table4"]
+    assert omitted == ["cocosnet_v2_table1", "cocosnet_table1", "midms_table1"]
+    t = tables[0]
     assert t.columns == [("celebahq-edge", "fid_sources"), ("embedded-edge", "fid_sources")]
     md = to_markdown(t)
     assert "| 20% (midms/noise_20) | 23.67 | 50.00‡ (n=1) |" in md
