@@ -328,6 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not results:
         print("FAILED: no baseline entry matches these runs: nothing was compared")
         return 1
+    if any(r.status == "NOT RUN" for r in failed) and isinstance(raw.get("sweep"), str):
+        print(f"hint: the baseline's runs come from `python -m bench.run {raw['sweep']}`")
     if failed:
         print(f"FAILED: {len(failed)} of {len(results)} checks "
               f"({', '.join(sorted({f'{r.entry} {r.metric} {r.status}' for r in failed}))})")

@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 TOY_BASELINE = REPO / "reports" / "baselines" / "toy.yaml"
 
 
-def _baseline(path: Path, entries) -> Path:
-    path.write_text("# my notes\n" + yaml.safe_dump({"description": "test", "entries": entries}, sort_keys=False))
+def _baseline(path: Path, entries, **extra) -> Path:
+    body = {"description": "test", **extra, "entries": entries}
+    path.write_text("# my notes\n" + yaml.safe_dump(body, sort_keys=False))
     return path
 
 
@@ -94,7 +95,7 @@ def test_run_id_targets_and_usage_errors(two_seeds, tmp_path, capsys):
         {"method": "toy", "variant": "default", "dataset": "embedded-mask",
          "metrics": {"l1": {"value": 31.0, "rule": "less", "tolerance": 0.1}}},
         {"method": "toy", "variant": "gone", "dataset": "embedded-mask",
-         "metrics": {"l1": {"value": 1.0, "rule": "less", "tolerance": 1.0}}}])
+         "metrics": {"l1": {"value": 1.0, "rule": "less", "tolerance": 1.0}}}], sweep="sweeps/mine.yaml")
     frame, _ = finished_trials(search_frame("mine", two_seeds.uri))
     seed1 = frame[frame["tags.mlflow.runName"] == "toy/default/embedded-mask/s1"]["run_id"].iloc[0]
     # One trial run: only the entry it matches is checked (32 vs 31 + 0.1: a regression).
@@ -103,7 +104,10 @@ def test_run_id_targets_and_usage_errors(two_seeds, tmp_path, capsys):
     assert "REGRESSION" in out and "NOT RUN" not in out
     # The sweep's parent run stands for the whole sweep: the missing variant fails it.
     assert check_main(["--baseline", str(path), two_seeds.parent, "--tracking-uri", two_seeds.uri]) == 1
-    assert "toy/gone/embedded-mask" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    gone = [ln.split() for ln in out.splitlines() if ln.startswith("toy/gone/embedded-mask")]
+    assert gone == [["toy/gone/embedded-mask", "l1", "less", "1", "1", "-", "0", "-", "NOT", "RUN"]]
+    assert "hint: the baseline's runs come from `python -m bench.run sweeps/mine.yaml`" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"entries": [{"method": "toy", "variant": "default", "dataset": "x",
                                                 "metrics": {"l1": {"value": 1, "rule": "smaller"}}}]}))
