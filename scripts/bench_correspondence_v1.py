@@ -16,15 +16,18 @@ Two sub-commands:
             peak is read off the largest measured run and multiplied out.
 
 ``learn``   Trains ``cocosnet`` on the embedded dataset (64x64, width 0.125, batch 4, CPU, one
-            thread) with the smoke-profile options of ``sweeps/ablation_v1_losses.yaml`` (the
-            Table-4 "full" model) and reports the warp L1 vs the exact ground truth ``target``
-            (area-downsampled to the warp's 16x16) on 32 test samples, at step 0 and every
-            ``--eval-every`` steps, with two references: the un-warped pooled exemplar, and the
-            exemplar warped by the dataset's true correspondence (``corr``). Passes when the final
-            warp L1 is at least 30 % below its step-0 value.
+            thread; seeded random-init VGG, as no weights are available here) and reports the warp
+            L1 vs the exact ground truth ``target`` (area-downsampled to the warp's 16x16) on 32
+            test samples, at step 0 and every ``--eval-every`` steps, with two references: the
+            un-warped pooled exemplar, and the exemplar warped by the dataset's true
+            correspondence (``corr``); plus the share of class-consistent best matches. Passes
+            when the final warp L1 is at least 30 % below its step-0 value. Recipes: the official
+            mask-input command (default; the embedded variant is a mask), or a variant of the
+            Table-4 sweep (``--recipe table4 --variant full``: the edge command, whose only warp
+            supervision is indirect).
 
     python scripts/bench_correspondence_v1.py memory --grids 16 32 64 128 --extrapolate 256
-    python scripts/bench_correspondence_v1.py learn --steps 300
+    python scripts/bench_correspondence_v1.py learn --steps 300 [--seed 1] [--recipe table4 --variant full]
 """
 from __future__ import annotations
 
@@ -117,6 +120,18 @@ def run_memory(args) -> None:
 
 
 # ---- learning check -----------------------------------------------------------------------------
+# The official CelebA-HQ mask-to-face training command (microsoft/CoCosNet README) -- the recipe the
+# authors use for one-hot mask conditions, which is what the embedded "mask" variant is:
+#   --which_perceptual 4_2 --weight_perceptual 0.001 --use_attention --maskmix --warp_mask_losstype
+#   direct --weight_mask 100.0 --PONO --PONO_C --vgg_normal_correct --fm_ratio 1.0 --warp_bilinear
+#   --warp_cycle_w 0.1   (+ --adaptor_kernel 4 from its test command)
+# One change for the embedded data: the official mask loss ignores label 0 (ADE20k's "other",
+# unlabelled); the embedded label 0 is a real, textured background class -- usually the largest
+# region -- so it is supervised like the others (mask_ignore_label -1). With the official 0 the
+# background's matches are left to drift (seed 0: warp L1 0.238 -> 0.245 after 300 steps).
+MASK_COMMAND = dict(maskmix=True, warp_bilinear=True, adaptor_kernel=4, lambda_feat_vgg=10.0,
+                    perc_layer="relu4_2", lambda_perc=0.001, lambda_cycle=0.1, lambda_mask=100.0,
+                    mask_ignore_label=-1, lr_decay_start=0.5, vgg="caffe")
 def run_learn(args) -> None:
     import torch.nn.functional as F
     import yaml
@@ -129,8 +144,14 @@ def run_learn(args) -> None:
 
     sweep = yaml.safe_load((ROOT / "sweeps" / "ablation_v1_losses.yaml").read_text())
     entry = next(m for m in sweep["methods"] if m["name"] == "cocosnet")
-    options = dict(entry.get("options") or {})
-    options.update(entry["variants"][args.variant] or {})
+    if args.recipe == "mask_command":
+        options = dict(MASK_COMMAND)
+    else:  # a variant of the Table 4 sweep (its shared options = the CelebA-HQ edge command)
+        options = dict(entry.get("options") or {})
+        options.update(entry["variants"][args.variant] or {})
+    for item in args.set:  # extra option overrides, key=value (YAML-parsed value)
+        key, _, value = item.partition("=")
+        options[key] = yaml.safe_load(value)
     res, width, bs = 64, 0.125, 4
     train_ds = EmbeddedDataset(DatasetSpec(name="embedded", variant=args.data_variant), "train", res)
     test_ds = EmbeddedDataset(DatasetSpec(name="embedded", variant=args.data_variant), "test", res)
@@ -140,17 +161,26 @@ def run_learn(args) -> None:
                         seed=args.seed, total_steps=args.steps)
     torch.manual_seed(args.seed)
     model = cls(cls.Options(**options), ctx)
-    print(f"options ({args.variant}): {options}")
+    print(f"recipe {args.recipe}" + (f" / {args.variant}" if args.recipe == "table4" else "") + f", seed {args.seed}: {options}")
     print(f"provenance: {model.provenance}")
     evalb = torch.utils.data.default_collate([test_ds[i] for i in range(args.eval_samples)])
 
     def warp_l1() -> float:
-        model.eval()
         out = model.generate(evalb)
-        model.train()
         (warp,) = out.warps.values()
         gt = F.interpolate(evalb["target"], size=warp.shape[-2:], mode="area")
         return float((warp - gt).abs().mean())
+
+    @torch.no_grad()
+    def match_stats() -> str:
+        """Share of condition positions whose best exemplar match has the same class, and the mean
+        largest softmax weight (1 = hard matches, 1/N = uniform averaging)."""
+        corr = model.netCorr(evalb["cond"], evalb["exemplar"], evalb["exemplar_cond"])
+        h, w = corr["warp_low"].shape[-2:]
+        down = lambda lab: F.interpolate(lab[:, None].float(), size=(h, w), mode="nearest").flatten(1).long()  # noqa: E731
+        src_cls = torch.gather(down(evalb["exemplar_label"]), 1, corr["weights"].argmax(-1))
+        acc = float((src_cls == down(evalb["label"])).float().mean())
+        return f"class-consistent matches {acc:.3f}, mean max weight {float(corr['weights'].max(-1).values.mean()):.3f}"
 
     gt16 = F.interpolate(evalb["target"], size=(16, 16), mode="area")
     unwarped = float((F.avg_pool2d(evalb["exemplar"], 4) - gt16).abs().mean())
@@ -162,7 +192,7 @@ def run_learn(args) -> None:
     loader = torch.utils.data.DataLoader(train_ds, batch_size=bs, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     history = [(0, warp_l1())]
-    print(f"step {0:>5}: warp L1 {history[-1][1]:.4f}", flush=True)
+    print(f"step {0:>5}: warp L1 {history[-1][1]:.4f}  ({match_stats()})", flush=True)
     step, wall, cpu, it = 0, 0.0, 0.0, iter(loader)
     while step < args.steps:
         try:
@@ -178,16 +208,18 @@ def run_learn(args) -> None:
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             history.append((step, warp_l1()))
-            print(f"step {step:>5}: warp L1 {history[-1][1]:.4f}  (train_step {cpu / step:.2f} CPU-s, "
-                  f"{wall / step:.2f} wall-s; G_total {losses['G_total']:.3f}, "
-                  f"D_total {losses.get('D_total', float('nan')):.3f})", flush=True)
+            print(f"step {step:>5}: warp L1 {history[-1][1]:.4f}  ({match_stats()}; train_step "
+                  f"{cpu / step:.2f} CPU-s, {wall / step:.2f} wall-s)", flush=True)
+            if args.verbose:
+                print("        " + ", ".join(f"{k} {v:.3g}" for k, v in losses.items()), flush=True)
     first, last = history[0][1], history[-1][1]
     drop = 1 - last / first
     verdict = "PASS" if drop >= 0.30 else "FAIL"
     print(f"{verdict}: warp L1 {first:.4f} -> {last:.4f} ({100 * drop:.1f} % lower; needed >= 30 %)")
     if args.json:
         Path(args.json).write_text(json.dumps({"history": history, "unwarped": unwarped, "oracle": oracle,
-                                               "drop": drop, "options": options, "cpu_s_per_step": cpu / step,
+                                               "drop": drop, "options": options, "recipe": args.recipe,
+                                               "seed": args.seed, "cpu_s_per_step": cpu / step,
                                                "wall_s_per_step": wall / step}, indent=2))
 
 
@@ -209,9 +241,14 @@ def main() -> None:
     ln.add_argument("--steps", type=int, default=300)
     ln.add_argument("--eval-every", type=int, default=50)
     ln.add_argument("--eval-samples", type=int, default=32)
-    ln.add_argument("--variant", default="full")  # a variant name of the sweep's cocosnet entry
+    ln.add_argument("--recipe", choices=["mask_command", "table4"], default="mask_command",
+                    help="mask_command: the official CelebA-HQ mask command (warp-mask loss on); table4: "
+                         "a variant of sweeps/ablation_v1_losses.yaml (CelebA-HQ edge command, no label loss)")
+    ln.add_argument("--variant", default="full", help="with --recipe table4: the sweep variant")
     ln.add_argument("--data-variant", default="mask")
     ln.add_argument("--seed", type=int, default=0)
+    ln.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra method options")
+    ln.add_argument("--verbose", action="store_true", help="print every loss term at each evaluation")
     ln.add_argument("--json", default=None)
     args = p.parse_args()
     run_memory(args) if args.cmd == "memory" else run_learn(args)

@@ -44,7 +44,13 @@ Known differences from the official code (kept deliberately or owned elsewhere):
 * SPADE blocks come from ``methods.common.spade_blocks``: zero padding (official: reflection) and
   PONO with the biased variance (official: unbiased ``x.var``).
 * The discriminator (``methods.common.discriminator``) has no self-attention block (official
-  ``--use_attention`` also adds one to D), uses padding 2 (official 1) and has no unused ``dec``.
+  ``--use_attention`` also adds one to D), uses padding 2 (official 1) and has no unused ``dec``;
+  the conv biases its instance norms cancel are removed here, as the official code does.
+* Pseudo exemplars: the official loader re-samples crop + flip; here crop + flip + a smooth elastic
+  warp (the paper's "image warping"), drawn in the method (``augment.py``).
+* L_feat keeps the official per-sample weighting self_ref / sum(self_ref) inside a mean over the
+  batch, i.e. an extra 1/B (``weighted_l1``): its effective weight depends on the batch size
+  (the official per-GPU batch was 4).
 * ``contextual_loss(centre="pono")`` centres X by X's own channel mean; the official code centres X
   by Y's channel mean (reported to the owner of ``methods/common/contextual.py``).
 * Not implemented: ``--two_cycle``, ``--noise_for_mask``/``--mask_noise``, ``--use_coordconv``,
