@@ -73,7 +73,7 @@ def test_quickstart_sweep_logs_what_the_readme_promises(ray_session, tmp_path):
         assert len(client.get_metric_history(run.info.run_id, "G_total")) == 2  # a loss curve
         assert run.data.params["method"] == "spade" and "scale.resolution" in run.data.params
         assert run.data.tags["bench.git_sha"] and run.data.tags["bench.version.torch"]
-        if run.data.params["method_options.lambda_vgg"] != "0":
+        if float(run.data.params["method_options.lambda_vgg"]) != 0:
             assert run.data.tags["bench.weights.vgg19_loss"] == "untrained(seed=%s)" % run.data.params["seed"]
             assert run.data.tags["bench.untrained_backbones"] == "vgg19_loss"
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
