@@ -200,7 +200,10 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
                 max_conc = todo[0].resources.max_concurrent or None
                 restored = tune.Tuner(
                     trainable, param_space=space, run_config=run_config,
-                    tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=False,
+                    tune_config=tune.TuneConfig(max_concurrent_trials=max_conc,
+                                                # a worker process serves trial after trial: torch,
+                                                # MLflow and backbones are imported/loaded once
+                                                reuse_actors=True,
                                                 trial_name_creator=_trial_name,
                                                 trial_dirname_creator=lambda tr: f"trial_{tr.trial_id}"))
             restored.fit()

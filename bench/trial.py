@@ -165,12 +165,32 @@ def build_method(cfg: TrialConfig, data_info, device: torch.device) -> ExemplarM
     return cls(options, ctx)
 
 
-def peak_memory_mb(device: torch.device) -> Dict[str, float]:
-    """Peak GPU memory (CUDA) or peak resident memory of this process (CPU; Linux ru_maxrss is KiB).
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the trial's memory peak from now: Ray reuses worker processes across trials, so the
+    process-lifetime peak would mix trials. Linux resets VmHWM on "5" in /proc/self/clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # other systems: the lifetime peak (ru_maxrss) is reported instead
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    Ray starts a fresh worker process per trial (reuse_actors=False), so the RSS peak is the trial's.
-    """
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+def peak_memory_mb(device: torch.device) -> Dict[str, float]:
+    """Peak resident memory of the trial's process since ``reset_peak_memory`` (CPU), and peak GPU
+    memory allocated by torch (CUDA)."""
+    rss_kib = None
+    try:
+        with open("/proc/self/status") as fh:
+            for row in fh:
+                if row.startswith("VmHWM:"):
+                    rss_kib = float(row.split()[1])
+    except OSError:
+        pass
+    if rss_kib is None:
+        rss_kib = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # Linux: KiB
+    out = {"peak_rss_mb": rss_kib / 1024.0}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return out
@@ -233,6 +253,7 @@ def run_trial(cfg: TrialConfig, env: TrialEnv, reporter: Reporter = Reporter(),
         reporter.report({"status": "SKIPPED", "done_step": cfg.train.steps})
         return {"status": "SKIPPED", "metrics": {}, "run_id": run.run_id}
     t_start = time.time()
+    reset_peak_memory(device)
     try:
         return _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard)
     except Diverged as exc:

@@ -139,3 +139,14 @@ def test_batch_indices_cover_each_epoch_once_and_are_pure():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert batch_indices(n, bs, 7, 4) == batch_indices(n, bs, 7, 4)
     assert batch_indices(n, bs, 7, 4) != batch_indices(n, bs, 8, 4)
+
+
+def test_peak_memory_is_per_trial_even_in_a_reused_process():
+    from bench.trial import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2 ** 20)  # 256 MiB, touched
+    before = peak_memory_mb(cpu)["peak_rss_mb"]
+    del big
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu)["peak_rss_mb"] < before - 128
