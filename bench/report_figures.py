@@ -23,6 +23,7 @@ from PIL import Image
 from bench.grid import LABEL_WIDTH
 from bench.report_data import RunSet
 from bench.report_plots import plt, save
+from bench.report_tables import row_labels
 
 PAD = 2
 GRID_ARTIFACT = "samples/grid.png"
@@ -77,6 +78,7 @@ def qualitative_figures(runset: RunSet, out_dir: Path, seed: Optional[int] = Non
     if df.empty:
         return written, notes
     seed = int(df["seed"].min()) if seed is None else seed
+    labels = row_labels(df)  # the tables' row names (variants, methods or method/variant)
     with tempfile.TemporaryDirectory() as tmp:
         for ds, grp in df.groupby("dataset", sort=False):
             grp = grp[grp["seed"] == seed]
@@ -88,7 +90,7 @@ def qualitative_figures(runset: RunSet, out_dir: Path, seed: Optional[int] = Non
                     continue
                 res = int(run.get("params.scale.resolution") or 0)
                 try:
-                    blocks.append((run["row"], split_grid(img, res, max_cols)))
+                    blocks.append((labels[run["row"]], split_grid(img, res, max_cols)))
                 except ValueError as exc:
                     notes.append(f"{ds}: {run['row']}: {exc}")
             if not blocks:
@@ -125,5 +127,5 @@ def _figure(blocks: List[Tuple[str, GridRows]], dataset: str, seed: int, stem: P
             s.set_visible(False)
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(f"{dataset}, seed {seed}: exemplars, warps and outputs per method", fontsize=8)
-    fig.tight_layout(h_pad=0.3)
+    fig.tight_layout(h_pad=0.3, rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     return save(fig, stem)

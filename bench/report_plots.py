@@ -8,6 +8,7 @@ ablation, better read in a table).
 """
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +44,17 @@ def save(fig, path_stem: Path) -> List[Path]:
 
 # ---- a metric against a swept option ---------------------------------------------------------
 def _parse(v: Any) -> Any:
+    """A logged param back to a value: params are str() of the option ("0.25", "(8, 4)", "[8, 4]")."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     try:
-        return yaml.safe_load(str(v))
-    except yaml.YAMLError:
-        return str(v)
+        value = ast.literal_eval(str(v))  # Python literals, tuples included (never evaluates code)
+    except (ValueError, SyntaxError):
+        try:
+            value = yaml.safe_load(str(v))
+        except yaml.YAMLError:
+            value = str(v)
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -103,12 +109,15 @@ def find_axes(runs: pd.DataFrame) -> List[Axis]:
     return axes
 
 
-def _plot_metrics(runset: RunSet, rows: List[str]) -> List[str]:
+def _plot_metrics(runset: RunSet, rows: List[str], first: Sequence[str] = ()) -> List[str]:
+    """Up to MAX_PLOT_METRICS headline metrics the rows logged; ``first`` (the published table's
+    metrics) lead, so the plot shows what the paper's table shows."""
     df = runset.runs[runset.runs["row"].isin(rows)]
     keys = [k for k in runset.metric_columns() if df[f"metrics.{k}"].notna().any()]
-    headline = [k for k in keys if metric_info(k).family in {f for f, _ in FAMILIES}]
-    return sorted(headline, key=lambda k: ([f for f, _ in FAMILIES].index(metric_info(k).family),
-                                           metric_sort_key(k)))[:MAX_PLOT_METRICS]
+    headline = sorted((k for k in keys if metric_info(k).family in {f for f, _ in FAMILIES}
+                       and metric_info(k).family != "cost"), key=metric_sort_key)
+    lead = [k for k in first if k in headline]
+    return (lead + [k for k in headline if k not in lead])[:MAX_PLOT_METRICS]
 
 
 def _published_for(published: Sequence[PublishedTable], method: str, variants: List[str]) -> Optional[PublishedTable]:
@@ -126,10 +135,10 @@ def axis_plots(runset: RunSet, published: Sequence[PublishedTable], out_dir: Pat
     df = runset.runs
     for ax_spec in find_axes(df):
         rows = [f"{ax_spec.method}/{v}" for v in ax_spec.variants]
-        metrics = _plot_metrics(runset, rows)
+        pt = _published_for(published, ax_spec.method, ax_spec.variants)
+        metrics = _plot_metrics(runset, rows, pt.metrics if pt else ())
         if not metrics:
             continue
-        pt = _published_for(published, ax_spec.method, ax_spec.variants)
         fig, axs = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
         for ax, metric in zip(axs[0], metrics):
             info = metric_info(metric)

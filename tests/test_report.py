@@ -6,6 +6,7 @@ Runs are logged with MlflowClient into a temporary SQLite store with the harness
 """
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from pathlib import Path
@@ -29,12 +30,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- a store with hand-set runs --------------------------------------------------------------
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite file: creating the schema costs seconds, copying it none."""
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+@functools.lru_cache(maxsize=1)
+def _migrated_db(root: str) -> Path:
+    Path(root).mkdir(parents=True, exist_ok=True)
+    path = Path(root) / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite file: creating the schema costs seconds, copying it none.
+    Cached per process, so test modules importing this fixture share one migration."""
+    return _migrated_db(str(tmp_path_factory.getbasetemp() / "mlflow_template_db"))
 
 
 class Store:
@@ -225,8 +233,9 @@ def test_swept_option_axes_and_plots(tmp_path, empty_store):
         opts = {"method_options.noise_level": str(lvl), "method_options.w_dom": "0.0" if v == "other" else "1.0"}
         s.trial("midms", v, "celebahq-edge", 0, {"fid_sources": 20 + 100 * abs(lvl - 0.25)}, params=opts,
                 history={"loss_total": [(1, 2.0), (2, 1.5)]})
-    for v, lv in (("levels_64", "[8]"), ("levels_64_128", "[8, 4]"), ("full", "[8, 4, 2, 1]"),
-                  ("levels_64_128_256", "[8, 4, 2]"), ("no_reg", "[8, 4, 2, 1]")):
+    # params hold str() of the option: tuples, as the harness logs CoCosNet v2's levels
+    for v, lv in (("levels_64", "(8,)"), ("levels_64_128", "(8, 4)"), ("full", "(8, 4, 2, 1)"),
+                  ("levels_64_128_256", "[8, 4, 2]"), ("no_reg", "(8, 4, 2, 1)")):
         opts = {"method_options.levels": lv, "method_options.lambda_cycle": "0.0" if v == "no_reg" else "1.0"}
         s.trial("cocosnet_v2", v, "celebahq-edge", 0, {"warp_l1_l64": 10.0}, params=opts)
     runset = load_runs("hand", s.uri)
