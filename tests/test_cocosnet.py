@@ -215,18 +215,21 @@ def test_checkpoint_round_trip_continues_identically(data32):
     assert ra == rb
 
 
-@pytest.mark.parametrize("opts,level", [({}, "16"), ({"warp_down": 2}, "32"), ({"warp_patch": True}, "64"),
-                                        ({"warp_bilinear": True, "adaptor_kernel": 4, "maskmix": True}, "16")])
-def test_generate_shapes(opts, level, data64):
-    ds, batches = data64
-    model = build(ds, 64, **opts)
-    batch = {k: batches[0][k] for k in ("cond", "exemplar", "exemplar_cond")}  # no photo at test time
+@pytest.mark.parametrize("res,opts,level", [(64, {}, "16"), (32, {"warp_down": 2}, "16"), (32, {"warp_patch": True}, "32"),
+                                            (32, {"warp_bilinear": True, "adaptor_kernel": 4, "maskmix": True}, "8")])
+def test_generate_shapes(res, opts, level, data32, data64):
+    ds, batch = data64[0], data64[1][0]
+    if res == 32:
+        ds, batch = data32
+    model = build(ds, res, **opts)
+    batch = {k: batch[k] for k in ("cond", "exemplar", "exemplar_cond")}  # no photo at test time
     out = model.generate(batch)
-    assert out.output.shape == (4, 3, 64, 64)
+    b = batch["cond"].shape[0]
+    assert out.output.shape == (b, 3, res, res)
     assert float(out.output.abs().max()) <= 1.0
     assert list(out.warps) == [level]
     warp = out.warps[level]
-    assert warp.shape == (4, 3, int(level), int(level))
+    assert warp.shape == (b, 3, int(level), int(level))
     assert float(warp.min()) >= -1.0 - 1e-5 and float(warp.max()) <= 1.0 + 1e-5  # convex mixes of pixels
 
 
