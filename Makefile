@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SWEEP ?= sweeps/quickstart.yaml
 
-.PHONY: setup quickstart test dashboard report clean
+.PHONY: setup quickstart test dashboard report check clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test: setup
 
 dashboard: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+report: setup
+	$(PY) -m bench.report $(SWEEP)
+
+check: setup
+	$(PY) -m bench.check --baseline reports/baselines/$(notdir $(basename $(SWEEP))).yaml $(SWEEP)
 
 clean:
 	rm -rf results mlartifacts mlflow.db .cache

@@ -16,7 +16,7 @@ from bench.sweep import expand, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = sorted(p.name for p in (REPO / "sweeps").glob("*.yaml") if "\n  smoke:" in p.read_text())
-CUT = ["train.steps=2", "train.log_every=1", "train.checkpoint_every=2", "eval.num_samples=2",
+CUT = ["train.steps=1", "train.log_every=1", "train.checkpoint_every=1", "eval.num_samples=2",
        "eval.batch_size=2", "seeds=[0]"]
 
 
