@@ -51,8 +51,6 @@ Known differences from the official code (kept deliberately or owned elsewhere):
 * L_feat keeps the official per-sample weighting self_ref / sum(self_ref) inside a mean over the
   batch, i.e. an extra 1/B (``weighted_l1``): its effective weight depends on the batch size
   (the official per-GPU batch was 4).
-* ``contextual_loss(centre="pono")`` centres X by X's own channel mean; the official code centres X
-  by Y's channel mean (reported to the owner of ``methods/common/contextual.py``).
 * Not implemented: ``--two_cycle``, ``--noise_for_mask``/``--mask_noise``, ``--use_coordconv``,
   EMA, the domain classifier, hard references (a dataset concern).
 """

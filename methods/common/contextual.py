@@ -21,15 +21,15 @@ def contextual_loss(x: torch.Tensor, y: torch.Tensor, h: float = 0.1, centre: st
     if x.shape != y.shape:
         raise ValueError(f"contextual_loss: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
     n, c = x.shape[:2]
+    # Both are centred by the *target's* mean, as the official code does: per pixel over channels
+    # (PONO) or per sample over space.
     if centre == "pono":
         y_mu = y.mean(dim=1, keepdim=True)
-        x = x - x.mean(dim=1, keepdim=True)
-        y = y - y_mu
     elif centre == "spatial":
-        y_mu = y.mean(dim=(0, 2, 3), keepdim=True)
-        x, y = x - y_mu, y - y_mu
+        y_mu = y.mean(dim=(2, 3), keepdim=True)
     else:
         raise ValueError(f"contextual_loss: centre must be 'spatial' or 'pono', got {centre!r}")
+    x, y = x - y_mu, y - y_mu
     x = F.normalize(x.reshape(n, c, -1), dim=1)
     y = F.normalize(y.reshape(n, c, -1), dim=1)
     d = 1 - torch.bmm(x.transpose(1, 2), y)  # (N, HWx, HWy)
