@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ray.tune import Callback
@@ -22,22 +21,18 @@ def _fmt_time(seconds: Optional[float]) -> str:
 class ProgressPrinter(Callback):
     """Driver-side Tune callback: ``[method/variant/dataset/sN] step 40/200 loss 2.31 3.2 it/s ETA 0:00:50``."""
 
-    def __init__(self, names_by_key: Dict[str, str], log: Callable[[str], None] = print):
-        self.names = names_by_key
+    def __init__(self, log: Callable[[str], None] = print):
         self.log = log
-        self.started: Dict[str, float] = {}
 
     def _name(self, trial) -> str:
-        key = trial.config.get("trial", {})
         from bench.sweep import TrialConfig
 
         try:
-            return TrialConfig.from_dict(key).name
+            return TrialConfig.from_dict(trial.config.get("trial", {})).name
         except Exception:  # noqa: BLE001 - a name is only cosmetic
             return str(trial)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started[trial.trial_id] = time.time()
         self.log(f"[{self._name(trial)}] started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -174,22 +174,22 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
             else:
                 resources = {"cpu": res.cpu, "gpu": res.gpu}
             trainable = tune.with_resources(tune_trainable, resources)
-            progress = ProgressPrinter({t.key: t.name for t in todo}, log)
+            progress = ProgressPrinter(log)
             run_config = tune.RunConfig(
                 storage_path=str(storage), verbose=0, callbacks=[progress],
                 failure_config=tune.FailureConfig(max_failures=todo[0].resources.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
-            restored = None
+            tuner = None
             if opts.resume and latest.is_file():
                 path = latest.read_text().strip()
                 if tune.Tuner.can_restore(path):
                     log(f"resuming {path}")
-                    restored = tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                    tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
                                                   resume_unfinished=True)
-                    local = getattr(restored, "_local_tuner", None)  # None in Ray-client mode
+                    local = getattr(tuner, "_local_tuner", None)  # None in Ray-client mode
                     if local is not None:  # the pickled callbacks print for the old invocation
                         local.get_run_config().callbacks = [progress]
-            if restored is None:
+            if tuner is None:
                 if opts.resume:
                     log("nothing to restore: running the unfinished trials")
                 exp_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -198,7 +198,7 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
                 space = {"trial": tune.grid_search([t.to_dict() for t in todo]), "env": env.__dict__,
                          "storage_path": str(storage)}
                 max_conc = todo[0].resources.max_concurrent or None
-                restored = tune.Tuner(
+                tuner = tune.Tuner(
                     trainable, param_space=space, run_config=run_config,
                     tune_config=tune.TuneConfig(max_concurrent_trials=max_conc,
                                                 # a worker process serves trial after trial: torch,
@@ -206,7 +206,7 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
                                                 reuse_actors=True,
                                                 trial_name_creator=_trial_name,
                                                 trial_dirname_creator=lambda tr: f"trial_{tr.trial_id}"))
-            restored.fit()
+            tuner.fit()
         except KeyboardInterrupt:
             log("interrupted")
         finally:
