@@ -199,10 +199,6 @@ def build(cls, data: Any, path=None, where: Optional[_Where] = None):
     return cls(**kwargs)
 
 
-def to_dict(obj) -> Dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
 # ---- dotted overrides ----------------------------------------------------------------------
 def parse_override(text: str) -> tuple:
     """``"train.steps=50"`` -> (["train", "steps"], 50); the value is parsed as YAML."""

@@ -5,7 +5,6 @@ unsupported metric fails a trial at step 0, not after hours of training.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from bench.progress import ProgressPrinter, summary_table
 from bench.sweep import TrialConfig
-from bench.tracking import (default_tracking_uri, end_parent, ensure_experiment, finished_keys,
+from bench.tracking import (DEFAULT_ARTIFACTS, default_tracking_uri, end_parent, ensure_experiment, finished_keys,
                             parent_run, trial_runs)
 from bench.trial import Reporter, TrialEnv, copy_checkpoint_out, run_trial
 
@@ -74,7 +73,6 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     env = TrialEnv(**config["env"])
     if cfg.resources.workers > 1:
         from bench.distributed import launch_data_parallel
-        from bench.tracking import finished_keys
 
         if finished_keys(env.tracking_uri, env.experiment_id, [cfg.key]):
             print(f"[{cfg.name}] already FINISHED: skipped", flush=True)
@@ -145,7 +143,7 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
     uri = opts.tracking_uri or default_tracking_uri(workdir)
     storage = workdir / "results" / "ray"
     storage.mkdir(parents=True, exist_ok=True)
-    experiment_id = ensure_experiment(uri, name, workdir / "mlartifacts")
+    experiment_id = ensure_experiment(uri, name, workdir / DEFAULT_ARTIFACTS)
     sha = git_sha()
     sweep_tags = {"bench.git_sha": sha, "bench.sweep_file": opts.sweep_file, "bench.sweep_hash": opts.sweep_hash,
                   **opts.extra_tags}

@@ -18,7 +18,7 @@ import yaml
 
 from bench.config import (TRIAL_SECTIONS, ConfigError, EvalConfig, MethodEntry, ResourcesConfig,
                           ScaleConfig, SweepSpec, TrainConfig, _Where, build, parse_override,
-                          set_dotted, unknown_key_error)
+                          set_dotted)
 from datasets.base import DatasetSpec
 
 # Settings that change how a trial is observed, not what it computes: left out of its identity so
@@ -273,4 +273,4 @@ def file_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-__all__ = ["TrialConfig", "load_sweep", "spec_from_dict", "expand", "ConfigError", "unknown_key_error", "file_hash"]
+__all__ = ["TrialConfig", "load_sweep", "spec_from_dict", "expand", "ConfigError", "file_hash"]

@@ -12,7 +12,6 @@ below the last step already logged are not written again (Ray may re-run steps a
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -120,8 +119,6 @@ class TrialRun:
 
     def __init__(self, uri: str, experiment_id: str, parent_id: str, name: str, key: str,
                  tags: Dict[str, str]):
-        from mlflow.entities import RunStatus  # noqa: F401  (import check)
-
         self.uri = uri
         self.client = _client(uri)
         existing = [r for r in find_runs(uri, experiment_id, f"tags.`bench.trial_key` = '{key}'")]
@@ -193,7 +190,3 @@ class TrialRun:
         self.set_tags({"bench.status": status})
         self.client.set_terminated(self.run_id, status="FINISHED" if status == "FINISHED" else "FAILED")
 
-
-def set_env_for_workers() -> None:
-    # MLflow's SQLAlchemy deprecation warnings are printed by every Ray worker; they are noise.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")

@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import tempfile
 import time
 import traceback
@@ -374,7 +375,7 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
             reporter.report({"step": step, "steps": steps, "loss": _headline(means), "it_per_s": it_s,
                              "eta_s": (steps - step) / max(it_s, 1e-9), "status": "TRAINING"}, checkpoint)
             if checkpoint is not None:
-                _rmtree(checkpoint)
+                shutil.rmtree(checkpoint, ignore_errors=True)
             window, t_window, n_window = {}, time.time(), 0
 
     if not shard.is_main:  # rank 0 evaluates and logs; the others report once more and leave
@@ -409,8 +410,3 @@ def _headline(means: Dict[str, float]) -> float:
     vals = [v for k, v in means.items() if k not in ("it_per_s", "s_per_step", "images_per_s")]
     return float(sum(vals)) if vals else float("nan")
 
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
