@@ -67,17 +67,20 @@ class NumpySWD:
         d /= np.std(d, axis=(0, 2, 3), keepdims=True)
         return d.reshape(d.shape[0], -1)
 
-    def sliced(self, a, b):
+    def sliced(self, a, b, project=True):
         out = []
         for _ in range(4):
             dirs = self.rng.randn(a.shape[1], 128)
             dirs /= np.sqrt(np.sum(np.square(dirs), axis=0, keepdims=True))
             dirs = dirs.astype(np.float32)
-            pa, pb = np.sort(a @ dirs, axis=0), np.sort(b @ dirs, axis=0)
-            out.append(np.mean(np.abs(pa - pb)))
-        return np.mean(out)
+            if project:
+                pa, pb = np.sort(a @ dirs, axis=0), np.sort(b @ dirs, axis=0)
+                out.append(np.mean(np.abs(pa - pb)))
+        return np.mean(out) if project else 0.0
 
-    def run(self, reals, fakes, minibatch):
+    def run(self, reals, fakes, minibatch, project_reals_pass=True):
+        """The driver: reals fed and compared with themselves, then fakes. ``project_reals_pass=False``
+        only draws the reals pass's directions (its distances are exactly 0): same fakes numbers."""
         results = {}
         for mode, data in (("reals", reals), ("fakes", fakes)):
             desc = [[] for _ in self.res]
@@ -87,7 +90,8 @@ class NumpySWD:
             desc = [self.finalize(d) for d in desc]
             if mode == "reals":
                 self.real = desc
-            dist = [1e3 * self.sliced(r, f) for r, f in zip(self.real, desc)]
+            project = mode == "fakes" or project_reals_pass
+            dist = [1e3 * self.sliced(r, f, project) for r, f in zip(self.real, desc)]
             results[mode] = dist + [float(np.mean(dist))]
         return results["fakes"]
 
@@ -97,10 +101,10 @@ def torch_swd_reference_order(reals, fakes, minibatch, rng):
     acc = tswd.SWDAccumulator(reals.shape[2], rng, rng, rng)
     for i in range(0, len(reals), minibatch):
         acc.feed("real", torch.from_numpy(reals[i:i + minibatch]))
-    with tswd.single_threaded_torch():  # as the accumulator runs its own work
-        for lod in range(len(acc.resolutions)):  # the driver's reals-vs-reals pass consumes directions
-            r = tswd.finalize_descriptors(acc.desc["real"][lod])
-            tswd.sliced_wasserstein(r, r, rng)
+    # The driver's reals-vs-reals pass: W(r, r) is exactly 0 at every level (sorted(r.d) - sorted(r.d)),
+    # so only its position in the stream matters -- draw the directions it consumes.
+    for _ in acc.resolutions:
+        tswd.draw_directions(rng, 3 * tswd.NHOOD_SIZE ** 2)
     for i in range(0, len(fakes), minibatch):
         acc.feed("fake", torch.from_numpy(fakes[i:i + minibatch]))
     dist = acc.distances()
@@ -130,6 +134,40 @@ def test_pyramid_bit_identical_to_scipy_mirror():
             np.testing.assert_array_equal(g.numpy(), r)
 
 
+@pytest.mark.parametrize("ratio", [0, tswd.SPARSE_LAPLACIAN_MIN_RATIO, 10 ** 9])
+@pytest.mark.parametrize("integral", [True, False])
+def test_sampled_laplacian_equals_whole_pyramid(monkeypatch, ratio, integral):
+    """Laplacian evaluated at the sampled pixels only (every level, the default mix, no level) is
+    bit-identical to gathering from the whole pyramid, same draws -- borders included: with 64
+    patches per 32x32 image, some centres sit on the first and last valid rows and columns."""
+    monkeypatch.setattr(tswd, "SPARSE_LAPLACIAN_MIN_RATIO", ratio)
+    x = torch.from_numpy(np.random.RandomState(8).randint(0, 256, (3, 3, 128, 96)).astype(np.uint8))
+    if not integral:
+        x = x.float() * 0.731 + 0.1
+    got = tswd.laplacian_patch_descriptors(x, 4, np.random.RandomState(2), per_image=200)
+    rng = np.random.RandomState(2)
+    want = [tswd.patch_descriptors(lev, rng, per_image=200) for lev in tswd.laplacian_pyramid(x, 4)]
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    centres = np.random.RandomState(2).randint(3, 96 - 3, size=600)
+    assert centres.min() == 3 and centres.max() == 96 - 4  # the borders were exercised
+
+
+def test_threaded_sorts_give_the_same_value():
+    rs = np.random.RandomState(4)
+    a, b = (torch.from_numpy(rs.randn(700, 147).astype(np.float32)) for _ in range(2))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tswd.sliced_wasserstein(a, b, np.random.RandomState(9))
+        torch.set_num_threads(2)
+        two = tswd.sliced_wasserstein(a, b, np.random.RandomState(9))
+    finally:
+        torch.set_num_threads(old)
+    assert one > 0 and two == pytest.approx(one, rel=1e-6)  # matmul blocking may round differently
+
+
 def test_patch_layout_is_transposed():
     """Known answer: a level whose value encodes (row, col) shows the reference's layout."""
     h = w = 16
@@ -153,6 +191,19 @@ def test_torch_matches_numpy_reference_and_published_vector():
     np.testing.assert_allclose(got, [38.0659, 25.6130, 26.4369, 30.0386], atol=6e-4)
 
 
+def test_reals_pass_is_zero_and_only_its_directions_matter():
+    """The driver's reals row is exactly 0, so drawing its directions without projecting (what the
+    torch driver above does) leaves the fakes numbers unchanged."""
+    reals, fakes = _published_pair()
+    full = NumpySWD(64, np.random.RandomState(0))
+    with_pass = full.run(reals[:10], fakes[:10], minibatch=5)
+    without = NumpySWD(64, np.random.RandomState(0)).run(reals[:10], fakes[:10], minibatch=5,
+                                                          project_reals_pass=False)
+    assert with_pass == without
+    r = tswd.finalize_descriptors([torch.from_numpy(full.real[0].reshape(-1, 3, 7, 7).copy())])
+    assert tswd.sliced_wasserstein(r, r, np.random.RandomState(4)) == 0.0
+
+
 def test_torch_matches_numpy_reference_other_seed_non_square_batches():
     rs = np.random.RandomState(7)
     reals = rs.randint(0, 256, (12, 3, 32, 32)).astype(np.uint8)
@@ -165,12 +216,12 @@ def test_torch_matches_numpy_reference_other_seed_non_square_batches():
 def test_transposed_layout_matters():
     """With the usual (row, col) layout the numbers differ: the test above is sensitive to it."""
     reals, fakes = _published_pair()
-    orig = tswd.patch_descriptors
+    orig = tswd.laplacian_patch_descriptors
     try:
-        tswd.patch_descriptors = lambda lev, rng: orig(lev, rng).transpose(2, 3).contiguous()
+        tswd.laplacian_patch_descriptors = lambda *a: [d.transpose(2, 3).contiguous() for d in orig(*a)]
         wrong = torch_swd_reference_order(reals, fakes, 20, np.random.RandomState(0))
     finally:
-        tswd.patch_descriptors = orig
+        tswd.laplacian_patch_descriptors = orig
     assert abs(wrong[0] - 38.0659) > 1e-2
 
 
