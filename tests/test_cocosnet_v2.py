@@ -14,7 +14,7 @@ from datasets.embedded import EmbeddedDataset  # noqa: E402
 from methods.base import BackboneSettings, MethodContext  # noqa: E402
 from methods.cocosnet_v2 import patchmatch as pm  # noqa: E402
 from methods.cocosnet_v2.model import CoCosNetV2Method, CoCosNetV2Options, pseudo_exemplar, weighted_l1  # noqa: E402
-from methods.cocosnet_v2.vgg_caffe import CAFFE_FILE, CaffeVGG19, LossVGG  # noqa: E402
+from methods.common.vgg_caffe import OFFICIAL_NAMES, VGG19Features  # noqa: E402
 from methods.common.weights import MissingWeightsError  # noqa: E402
 from methods.registry import METHODS  # noqa: E402
 
@@ -356,34 +356,23 @@ def test_pseudo_exemplar_is_identity_without_distortion():
 
 
 # ---------------------------------------------------------------------------------------------
-# The official VGG file
+# The VGG of the losses (methods/common/vgg_caffe.py; its loader is tested in test_vgg_caffe.py)
 # ---------------------------------------------------------------------------------------------
-def test_caffe_vgg_loads_official_layout(tmp_path):
-    # A file in the official key layout (random values: this tests the loader, it is not a
-    # pretrained network, and it is labelled by its hash like any file). It also holds a deeper
-    # conv than the requested layers need, as the real file does.
-    state = {k: torch.randn_like(v) for k, v in CaffeVGG19(("r12", "r22")).state_dict().items()}
-    state["conv3_1.weight"], state["conv3_1.bias"] = torch.randn(256, 128, 3, 3), torch.randn(256)
-    torch.save(state, tmp_path / CAFFE_FILE)
-    vgg = LossVGG("caffe", BackboneSettings(weights_dir=str(tmp_path), download=False), layers=("r12", "r22"))
-    assert vgg.provenance.startswith("sha256:")
-    assert torch.equal(vgg.net.conv2_2.weight, state["conv2_2.weight"])
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
-    feats = vgg(x)
-    # Caffe preprocessing: [-1, 1] -> [0, 1], RGB -> BGR, minus the BGR mean, x 255
-    bgr = ((x + 1) / 2).flip(1) - torch.tensor([0.40760392, 0.45795686, 0.48501961]).view(1, 3, 1, 1)
-    r11 = F.relu(F.conv2d(bgr * 255, state["conv1_1.weight"], state["conv1_1.bias"], padding=1))
-    r12 = F.relu(F.conv2d(r11, state["conv1_2.weight"], state["conv1_2.bias"], padding=1))
-    assert torch.allclose(feats["r12"], r12, rtol=1e-4, atol=1e-3)
-    assert feats["r22"].shape == (1, 128, 8, 8)
-    assert all(not p.requires_grad for p in vgg.net.parameters())
-    assert not any(k.startswith("net.") for k in vgg.state_dict())  # kept out of checkpoints
-
-
-def test_caffe_vgg_missing_file_is_an_error_unless_untrained_allowed(tmp_path, monkeypatch):
+def test_loss_vgg_is_the_shared_caffe_vgg_under_official_names(offline_weights, tmp_path, monkeypatch):
+    info, _ = make_batch("mask", 32)
+    m = make_method(info, 32, iterations=1)
+    assert isinstance(m.vgg, VGG19Features) and m.vgg.backbone == "caffe"  # official default
+    assert m.provenance["vgg19_loss"] == "untrained(seed=0)"
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    feats, ref = m._vgg(x), m.vgg(x)
+    assert list(feats) == ["r12", "r22", "r32", "r42", "r52"]
+    assert all(torch.equal(feats[k], ref[OFFICIAL_NAMES[k]]) for k in feats)
+    assert not any(k.startswith("vgg.") for k in m.state_dict())  # frozen VGG stays out of checkpoints
+    # vgg: caffe is never downloaded or faked: without the file and without allow_untrained,
+    # construction fails and names the file.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     monkeypatch.delenv("BENCH_WEIGHTS_DIR", raising=False)
+    ctx = MethodContext(data=info, resolution=32, width=0.125,
+                        backbones=BackboneSettings(weights_dir=str(tmp_path), download=True))
     with pytest.raises(MissingWeightsError, match="vgg19_conv.pth"):
-        LossVGG("caffe", BackboneSettings(weights_dir=str(tmp_path), download=True))
-    vgg = LossVGG("caffe", BackboneSettings(weights_dir=str(tmp_path), allow_untrained=True, seed=3))
-    assert vgg.provenance == "untrained(seed=3)"
+        CoCosNetV2Method(CoCosNetV2Options(iterations=1), ctx)

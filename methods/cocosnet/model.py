@@ -40,7 +40,7 @@ returned key       what (official name)                                   option
 
 Known differences from the official code (kept deliberately or owned elsewhere):
 * VGG: torchvision ImageNet VGG19 by default; ``vgg: caffe`` loads the official ``vgg19_conv.pth``
-  when it is present locally (see ``vgg.py``).
+  when it is present locally (see ``methods/common/vgg_caffe.py``).
 * SPADE blocks come from ``methods.common.spade_blocks``: zero padding (official: reflection) and
   PONO with the biased variance (official: unbiased ``x.var``).
 * The discriminator (``methods.common.discriminator``) has no self-attention block (official
@@ -68,12 +68,13 @@ from methods.base import ExemplarMethod, MethodContext, MethodOutput, scaled
 from methods.cocosnet.augment import distort, distort_label, random_grids, select
 from methods.cocosnet.correspondence import CorrespondenceNet
 from methods.cocosnet.translation import CoCosNetGenerator
-from methods.cocosnet.vgg import CoCosNetVGG
 from methods.common.contextual import contextual_loss
 from methods.common.discriminator import MultiscaleDiscriminator
 from methods.common.losses import feature_matching_loss, hinge_d_loss, hinge_g_loss
+from methods.common.vgg_caffe import OFFICIAL_NAMES, VGG19Features
 from methods.registry import METHODS
 
+VGG_LAYERS = tuple(OFFICIAL_NAMES.values())  # relu1_2 ... relu5_2 = official r12, r22, r32, r42, r52
 FEAT_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)  # official fm weights for r12..r52
 PERC_LAYERS = {"relu4_2": 3, "relu5_2": 4}  # index in the r12..r52 list
 
@@ -100,7 +101,7 @@ class CoCosNetOptions:
     cbn_input: str = "warp_mask"  # generator conditioning: warp_mask = warp ++ condition, or warp (official --CBN_intype)
     init_type: str = "xavier"  # weight init of G, Corr and D: xavier, normal, kaiming, orthogonal, none (official --init_type)
     init_gain: float = 0.02  # (official --init_variance)
-    vgg: str = "torchvision"  # VGG19 of the losses: torchvision, or caffe = the official vgg19_conv.pth (see vgg.py)
+    vgg: str = "torchvision"  # VGG19 of the losses: torchvision, or caffe = the official vgg19_conv.pth (common/vgg_caffe.py)
     # --- losses (0 = off) ---
     lambda_gan: float = 10.0  # hinge GAN, G and D (official --weight_gan)
     lambda_gan_feat: float = 10.0  # discriminator feature matching (official --lambda_feat; off with --no_ganFeat_loss)
@@ -224,7 +225,7 @@ class CoCosNetMethod(ExemplarMethod):
             init_weights(net, o.init_type, o.init_gain)
         self.vgg = None
         if o.lambda_feat_vgg > 0 or o.lambda_perc > 0 or o.lambda_context > 0:
-            self.vgg = CoCosNetVGG(ctx.backbones, o.vgg)
+            self.vgg = VGG19Features(o.vgg, VGG_LAYERS, ctx.backbones, f"CoCosNet's VGG losses (vgg: {o.vgg})")
             self.provenance[f"vgg19_{o.vgg}"] = self.vgg.provenance
         # Private RNG for pseudo-pair sampling: reproducible per seed and saved in checkpoints.
         self._rng = torch.Generator().manual_seed(ctx.seed * 7919 + 17)
@@ -344,10 +345,10 @@ class CoCosNetMethod(ExemplarMethod):
             if o.lambda_gan_feat > 0:
                 losses["G_gan_feat"] = o.lambda_gan_feat * feature_matching_loss(pred_real, pred_fake)
         if self.vgg is not None:
-            fake_f = self.vgg(fake)
+            fake_f = list(self.vgg(fake).values())  # in VGG_LAYERS order
             with torch.no_grad():
-                real_f = self.vgg(image) if (o.lambda_feat_vgg > 0 or o.lambda_perc > 0) else None
-                ref_f = self.vgg(batch["exemplar"]) if o.lambda_context > 0 else None
+                real_f = list(self.vgg(image).values()) if (o.lambda_feat_vgg > 0 or o.lambda_perc > 0) else None
+                ref_f = list(self.vgg(batch["exemplar"]).values()) if o.lambda_context > 0 else None
             if o.lambda_feat_vgg > 0:
                 fm = sum(w * weighted_l1(f, r, sample_w) for w, f, r in zip(FEAT_WEIGHTS, fake_f, real_f))
                 losses["G_feat"] = o.lambda_feat_vgg * fm

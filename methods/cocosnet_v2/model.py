@@ -43,11 +43,11 @@ from torch import nn
 from methods.base import ExemplarMethod, MethodContext, MethodOutput, scaled
 from methods.cocosnet_v2.encoder import MultiLevelEncoder, Reconstructor, level_channels
 from methods.cocosnet_v2.patchmatch import REFINE_GRADS, REFINEMENTS, HierarchicalPatchMatch, normalize_pono_c
-from methods.cocosnet_v2.vgg_caffe import LossVGG
 from methods.common.contextual import contextual_loss
 from methods.common.discriminator import MultiscaleDiscriminator
 from methods.common.losses import feature_matching_loss, hinge_d_loss, hinge_g_loss
 from methods.common.spade_blocks import SPADEResBlock
+from methods.common.vgg_caffe import OFFICIAL_NAMES, VGG19Features
 from methods.registry import METHODS
 
 
@@ -225,7 +225,8 @@ class CoCosNetV2Method(ExemplarMethod):
             if m is not None:
                 official_init(m, o.init_gain)
         needs_vgg = o.lambda_perc > 0 or o.lambda_vgg * (o.fm_ratio + o.lambda_contextual) > 0
-        self.vgg = LossVGG(o.vgg, ctx.backbones) if needs_vgg else None
+        self.vgg = (VGG19Features(o.vgg, list(OFFICIAL_NAMES.values()), ctx.backbones,
+                                  f"CoCosNet v2's VGG losses (vgg: {o.vgg})") if needs_vgg else None)
         if self.vgg is not None:
             self.provenance["vgg19_loss"] = self.vgg.provenance
         self.to(ctx.device)
@@ -276,6 +277,11 @@ class CoCosNetV2Method(ExemplarMethod):
         phis = [normalize_pono_c(p(f)) for p, f in zip(self.phi, fb)]
         results = self.pm(thetas, phis, exemplar, cycle=cycle)
         return results, fa, fb
+
+    def _vgg(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """VGG19 features under the official names ``r12`` ... ``r52``."""
+        feats = self.vgg(x)
+        return {short: feats[name] for short, name in OFFICIAL_NAMES.items()}
 
     def _discriminate(self, cond, fake, real):
         both = self.netD(torch.cat([torch.cat([cond, fake], 1), torch.cat([cond, real], 1)], 0))
@@ -334,9 +340,9 @@ class CoCosNetV2Method(ExemplarMethod):
             if o.lambda_gan_feat > 0:
                 losses["G_gan_feat"] = o.lambda_gan_feat * feature_matching_loss(pred_real, pred_fake)
         if self.vgg is not None:
-            f_fake = self.vgg(fake)
+            f_fake = self._vgg(fake)
             with torch.no_grad():
-                f_gt, f_ex = self.vgg(gt), self.vgg(ex)
+                f_gt, f_ex = self._vgg(gt), self._vgg(ex)
             if o.lambda_vgg * o.fm_ratio > 0:  # L_app feature matching, self-reference samples only
                 fw = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
                 losses["G_fm"] = o.lambda_vgg * o.fm_ratio * sum(
