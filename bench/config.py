@@ -79,6 +79,14 @@ class MethodEntry:
     # Named override sets (how ablations are written). Bare keys are method options; dotted keys
     # starting with train./eval./scale. override the trial's sections.
     variants: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"default": {}})
+    # Per-dataset settings. ``official``: the method's own per-dataset recipe (the options the
+    # official training command for that dataset sets, e.g. CoCosNet on DeepFashion: warp_patch,
+    # lambda_warp_self 100); ``none``: the method's defaults on every dataset.
+    recipe: str = "official"
+    # This sweep's own per-dataset overrides, keyed by dataset name (``celebahq``) or name-variant
+    # (``celebahq-edge``), written like variants (bare keys: method options; dotted: train./eval./scale.).
+    # Order of application, later wins: method defaults < official recipe < options < recipes < variant.
+    recipes: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

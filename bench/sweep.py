@@ -38,6 +38,9 @@ class TrialConfig:
     eval: EvalConfig
     scale: ScaleConfig
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # Which per-dataset recipes shaped the options, e.g. "official:celebahq-edge" (descriptive: the
+    # resolved options above are what identify the trial).
+    recipe: str = ""
 
     @property
     def dataset_label(self) -> str:
@@ -76,7 +79,7 @@ class TrialConfig:
             sweep=d["sweep"], method=d["method"], variant=d["variant"], method_options=d["method_options"],
             dataset=DatasetSpec(**d["dataset"]), seed=d["seed"], train=TrainConfig(**d["train"]),
             eval=EvalConfig(**d["eval"]), scale=ScaleConfig(**d["scale"]),
-            resources=ResourcesConfig(**d["resources"]),
+            resources=ResourcesConfig(**d["resources"]), recipe=d.get("recipe", ""),
         )
 
 
@@ -194,19 +197,38 @@ def _validate(spec: SweepSpec, where: _Where) -> None:
     expand(spec, where)  # variants and options are checked by expanding once
 
 
-def _apply_variant(method: MethodEntry, variant: str, overrides: Dict[str, Any], sections: Dict[str, Any],
-                   path, where: _Where) -> Dict[str, Any]:
-    """Split a variant's overrides into method options (bare keys) and trial sections (dotted)."""
-    options = dict(method.options)
-    for key, value in overrides.items():
+def _apply_overrides(options: Dict[str, Any], sections: Dict[str, Any], overrides: Dict[str, Any], path,
+                     where: _Where) -> None:
+    """Apply a variant's or recipe's overrides: bare keys to method options, dotted keys to trial sections."""
+    for key, value in (overrides or {}).items():
         parts = str(key).split(".")
         if len(parts) > 1:
             if parts[0] not in TRIAL_SECTIONS:
-                raise where(path + [key], f"dotted variant keys must start with one of {list(TRIAL_SECTIONS)}")
-            set_dotted(sections, parts, value, f"{where.file}: {'.'.join(map(str, path + [key]))}")
+                raise where(path + [key], f"dotted keys must start with one of {list(TRIAL_SECTIONS)}")
+            set_dotted(sections, parts, copy.deepcopy(value), f"{where.file}: {'.'.join(map(str, path + [key]))}")
         else:
-            options[key] = value
-    return options
+            options[key] = copy.deepcopy(value)
+
+
+def recipe_keys(dataset: DatasetSpec) -> List[str]:
+    """The recipe keys that apply to a dataset, general first: its name, then name-variant."""
+    keys = [dataset.name]
+    if dataset.variant:
+        keys.append(f"{dataset.name}-{dataset.variant}")
+    return keys
+
+
+def _check_recipes(spec: SweepSpec, where: _Where) -> None:
+    datasets = [_resolved_dataset(d) for d in spec.datasets]
+    known = sorted({k for d in datasets for k in recipe_keys(d)})
+    for mi, m in enumerate(spec.methods):
+        if m.recipe not in ("official", "none"):
+            raise where(["methods", mi, "recipe"], f"must be 'official' or 'none', got {m.recipe!r}")
+        for key in m.recipes:
+            if key not in known:
+                raise where(["methods", mi, "recipes", key],
+                            f"matches no dataset of this sweep; recipe keys are a dataset name or "
+                            f"name-variant: {known}")
 
 
 def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]:
@@ -214,27 +236,42 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
     from methods.registry import METHODS
 
     where = where or _Where("<sweep>")
+    _check_recipes(spec, where)
     trials: List[TrialConfig] = []
+    datasets = [_resolved_dataset(d) for d in spec.datasets]
     for mi, m in enumerate(spec.methods):
         method_cls = METHODS.get(m.name)
+        official = getattr(method_cls, "recipes", {}) if m.recipe == "official" else {}
         for variant, overrides in m.variants.items():
             vpath = ["methods", mi, "variants", variant]
-            sections = {s: dataclasses.asdict(getattr(spec, s)) for s in TRIAL_SECTIONS}
-            opts = _apply_variant(m, variant, overrides or {}, sections, vpath, where)
-            resolved = _typed_options(method_cls.Options, opts, vpath if overrides else ["methods", mi, "options"],
-                                      where, f"method {m.name!r}")
-            train = build(TrainConfig, sections["train"], vpath, where)
-            evalc = build(EvalConfig, sections["eval"], vpath, where)
-            scale = build(ScaleConfig, sections["scale"], vpath, where)
-            for d in spec.datasets:
-                dcls_opts = _resolved_dataset(d)
-                d_scale = dataclasses.replace(scale, resolution=d.resolution) if d.resolution else scale
+            for d in datasets:
+                options: Dict[str, Any] = {}
+                sections = {s: dataclasses.asdict(getattr(spec, s)) for s in TRIAL_SECTIONS}
+                applied = []
+                for key in recipe_keys(d):
+                    if key in official:
+                        _apply_overrides(options, sections, official[key], [f"{m.name}.recipes", key], where)
+                        applied.append(f"official:{key}")
+                options.update(copy.deepcopy(m.options))
+                for key in recipe_keys(d):
+                    if key in m.recipes:
+                        _apply_overrides(options, sections, m.recipes[key], ["methods", mi, "recipes", key], where)
+                        applied.append(f"sweep:{key}")
+                _apply_overrides(options, sections, overrides or {}, vpath, where)
+                resolved = _typed_options(method_cls.Options, options,
+                                          vpath if overrides else ["methods", mi, "options"], where,
+                                          f"method {m.name!r}" + (f" ({', '.join(applied)})" if applied else ""))
+                train = build(TrainConfig, sections["train"], vpath, where)
+                evalc = build(EvalConfig, sections["eval"], vpath, where)
+                scale = build(ScaleConfig, sections["scale"], vpath, where)
+                if d.resolution:
+                    scale = dataclasses.replace(scale, resolution=d.resolution)
                 for seed in spec.seeds:
                     trials.append(TrialConfig(
                         sweep=spec.name, method=m.name, variant=variant,
                         method_options=dataclasses.asdict(resolved) if resolved is not None else {},
-                        dataset=dcls_opts, seed=int(seed), train=train, eval=evalc, scale=d_scale,
-                        resources=spec.resources))
+                        dataset=d, seed=int(seed), train=train, eval=evalc, scale=scale,
+                        resources=spec.resources, recipe="+".join(applied)))
     names = [t.name for t in trials]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -115,7 +115,7 @@ def test_type_errors_and_bad_overrides(tmp_path):
     assert "expected key=value" in error_of(path, ["train.steps"])
     assert "seeds: expected a list" in error_of(path, ["seeds=3"])
     msg = error_of(write(tmp_path, GOOD.replace("variants:", "variants:\n      bad: {foo.bar: 1}")))
-    assert "dotted variant keys must start with one of" in msg
+    assert "dotted keys must start with one of" in msg
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):
@@ -170,3 +170,57 @@ def test_readme_sweep_example_is_valid():
     spec = spec_from_dict(yaml.safe_load(block), "README.md")
     assert len(expand(spec)) == 3 * 2 * 3
     assert len(expand(spec_from_dict(yaml.safe_load(block), "README.md", profile="smoke"))) == 3 * 1 * 3
+
+
+RECIPES = """\
+name: r
+methods:
+  - name: spade
+    options: {ngf: 16}
+    recipes:
+      embedded-edge: {lambda_feat: 4.0}
+    variants:
+      full: {}
+      no_vgg: {lambda_vgg: 0}
+datasets:
+  - {name: embedded, variant: edge}
+  - {name: embedded, variant: mask}
+train: {steps: 3}
+"""
+
+
+@pytest.fixture
+def official_spade_recipes(monkeypatch):
+    from methods.registry import METHODS
+
+    monkeypatch.setattr(METHODS.get("spade"), "recipes", {
+        "embedded": {"lambda_vgg": 1.0, "lambda_feat": 2.0, "ngf": 99, "train.steps": 5},
+        "embedded-edge": {"lambda_feat": 3.0},
+    }, raising=False)
+
+
+def test_recipes_apply_per_dataset_in_order(tmp_path, official_spade_recipes):
+    """method defaults < official recipe (name, then name-variant) < options < sweep recipes < variant."""
+    trials = {t.name: t for t in expand(load_sweep(write(tmp_path, RECIPES)))}
+    edge, mask = trials["spade/full/embedded-edge/s0"], trials["spade/full/embedded-mask/s0"]
+    assert (edge.method_options["lambda_vgg"], edge.method_options["lambda_feat"]) == (1.0, 4.0)
+    assert (mask.method_options["lambda_vgg"], mask.method_options["lambda_feat"]) == (1.0, 2.0)
+    assert edge.method_options["ngf"] == mask.method_options["ngf"] == 16  # sweep options beat the recipe
+    assert edge.train.steps == mask.train.steps == 5  # dotted recipe keys set trial sections
+    assert edge.recipe == "official:embedded+official:embedded-edge+sweep:embedded-edge"
+    assert mask.recipe == "official:embedded"
+    assert trials["spade/no_vgg/embedded-edge/s0"].method_options["lambda_vgg"] == 0  # the variant wins
+    none = expand(load_sweep(write(tmp_path, RECIPES.replace("  - name: spade\n", "  - name: spade\n    recipe: none\n"))))
+    plain = {t.name: t for t in none}["spade/full/embedded-mask/s0"]
+    assert (plain.method_options["lambda_vgg"], plain.method_options["lambda_feat"], plain.recipe) == (10.0, 10.0, "")
+    assert plain.key != mask.key  # different options, different trial
+
+
+def test_recipe_errors(tmp_path, official_spade_recipes):
+    msg = error_of(write(tmp_path, RECIPES.replace("embedded-edge: {lambda_feat", "embedded-keypoint: {lambda_feat")))
+    assert "recipes.embedded-keypoint: matches no dataset of this sweep" in msg and "embedded-edge" in msg
+    assert ":6:" in msg  # the line of the key
+    msg = error_of(write(tmp_path, RECIPES.replace("  - name: spade\n", "  - name: spade\n    recipe: paper\n")))
+    assert "recipe: must be 'official' or 'none'" in msg
+    msg = error_of(write(tmp_path, RECIPES.replace("{lambda_feat: 4.0}", "{lambda_fet: 4.0}")))
+    assert "lambda_fet" in msg and "lambda_feat" in msg
