@@ -69,7 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         for t in trials:
             print(f"{t.name}  key={t.key}  steps={t.train.steps} res={t.scale.resolution} "
-                  f"width={t.scale.width} cpu={t.resources.cpu} gpu={t.resources.gpu}")
+                  f"width={t.scale.width} cpu={t.resources.cpu} gpu={t.resources.gpu}"
+                  + (f" recipe={t.recipe}" if t.recipe else ""))
         print(f"{len(trials)} trials")
         return 0
     from bench.runner import RunOptions, run_sweep
