@@ -64,6 +64,10 @@ class ExemplarMethod(nn.Module):
 
     Options: type = None
     has_warp: bool = False
+    # Official per-dataset option overrides (what the official training command for that dataset
+    # sets), keyed by dataset name or name-variant; applied by sweeps with ``recipe: official``.
+    # Kept in ``methods/<name>/recipes.py``.
+    recipes: Dict[str, Dict[str, Any]] = {}
 
     def __init__(self, options: Any, ctx: MethodContext):
         super().__init__()

@@ -67,6 +67,7 @@ from torch import nn
 from methods.base import ExemplarMethod, MethodContext, MethodOutput, scaled
 from methods.cocosnet.augment import distort, distort_label, random_grids, select
 from methods.cocosnet.correspondence import CorrespondenceNet
+from methods.cocosnet.recipes import RECIPES
 from methods.cocosnet.translation import CoCosNetGenerator
 from methods.common.contextual import contextual_loss
 from methods.common.discriminator import MultiscaleDiscriminator
@@ -186,6 +187,7 @@ def weighted_l1(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tens
 class CoCosNetMethod(ExemplarMethod):
     Options = CoCosNetOptions
     has_warp = True
+    recipes = RECIPES
 
     def __init__(self, options: CoCosNetOptions, ctx: MethodContext):
         super().__init__(options, ctx)

@@ -31,6 +31,7 @@ from methods.midms import autoencoder_stage as ae_stage
 from methods.midms.components import (LatentDiffusionParts, build_first_stage, build_unet, load_pretrained_ldm,
                                       resolve_ldm_path, sampling_scheduler)
 from methods.midms.matching import (MatchingNetworks, confidence_mask, correlation, soft_warp, warp_back)
+from methods.midms.recipes import RECIPES
 from methods.midms.sampling import SamplerResult, denoise_timesteps, interleaved_ddim, refine
 from methods.registry import METHODS
 
@@ -166,6 +167,7 @@ def feature_normalize(f: torch.Tensor) -> torch.Tensor:
 class MIDMsMethod(ExemplarMethod):
     Options = MIDMsOptions
     has_warp = True
+    recipes = RECIPES
 
     def __init__(self, options: MIDMsOptions, ctx: MethodContext):
         super().__init__(options, ctx)
