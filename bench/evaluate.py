@@ -61,6 +61,7 @@ def evaluate(method: ExemplarMethod, loader, metrics: Dict[str, Metric], device:
     was_training = method.training
     method.eval()
     k_max = max((m.exemplars_per_input for m in metrics.values()), default=1)
+    memos = list({id(m.ctx.memo): m.ctx.memo for m in metrics.values()}.values())
     grid = None
     seen = 0
     for batch in loader:
@@ -74,6 +75,8 @@ def evaluate(method: ExemplarMethod, loader, metrics: Dict[str, Metric], device:
                 m.update_multi(batch, outs[: m.exemplars_per_input])
             else:
                 m.update(batch, out)
+        for memo in memos:  # features shared by the metrics for this batch (EvalMemo) are dropped
+            memo.end_batch()
         if grid is None:
             n = min(grid_samples, batch["cond"].shape[0])
             grid = ({k: v[:n].cpu() for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 4},

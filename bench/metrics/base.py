@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, Hashable, List, Optional
 
 import torch
 
@@ -18,6 +18,46 @@ from datasets.registry import Registry
 from methods.base import BackboneSettings, MethodOutput
 
 METRICS: Registry = Registry("metric")
+
+
+class EvalMemo:
+    """What the metrics of one evaluation share, so a network runs once for all of them.
+
+    One instance per evaluation, in ``MetricContext.memo`` (``dataclasses.replace`` of a context
+    keeps the same instance, so every metric built from it shares it):
+
+    * ``resource(key, build)``: an object built once per evaluation (e.g. one backbone's feature
+      extractor with the layers its metrics registered);
+    * ``per_batch(batch, key, tensor, compute)``: a value derived from ``tensor`` (e.g. its VGG
+      features), computed once per evaluation batch. The evaluator calls ``end_batch()`` after
+      feeding every metric a batch, which drops these values; a different ``batch`` dict also
+      drops them first, so at most one batch's values are held even without ``end_batch``.
+      The memo holds ``tensor`` (its id cannot be reused meanwhile); an in-place change of it
+      (a new ``_version``) is a miss.
+    """
+
+    def __init__(self):
+        self._resources: Dict[Hashable, Any] = {}
+        self._batch: Optional[dict] = None
+        self._values: Dict[Hashable, tuple] = {}
+
+    def resource(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        if key not in self._resources:
+            self._resources[key] = build()
+        return self._resources[key]
+
+    def per_batch(self, batch: dict, key: Hashable, tensor: torch.Tensor, compute: Callable[[], Any]) -> Any:
+        if batch is not self._batch:
+            self.end_batch()
+            self._batch = batch
+        k = (key, id(tensor), tensor._version)
+        if k not in self._values:
+            self._values[k] = (tensor, compute())
+        return self._values[k][1]
+
+    def end_batch(self) -> None:
+        self._batch = None
+        self._values.clear()
 
 
 @dataclass
@@ -31,6 +71,7 @@ class MetricContext:
     data_key: str = ""
     seed: int = 0
     options: Dict[str, object] = field(default_factory=dict)  # eval.metric_options[<name>]
+    memo: EvalMemo = field(default_factory=EvalMemo)  # shared by the metrics of one evaluation
 
 
 class Metric:
