@@ -3,6 +3,7 @@ reference for the region means, PIL for the resizing conventions, and end-to-end
 seeded random VGG19 (allow_untrained; offline) at a small resolution to stay fast."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,9 +14,12 @@ from PIL import Image
 
 from bench.metrics import semantic as S
 from bench.metrics import style as T
-from bench.metrics.base import MetricContext
+from bench.evaluate import evaluate
+from bench.metrics import METRICS
+from bench.metrics.base import EvalMemo, MetricContext
 from datasets.base import DataInfo
 from methods.base import BackboneSettings, MethodOutput
+from methods.common.vgg_caffe import VGG19Features
 from methods.common.weights import MissingWeightsError
 
 UNTRAINED = BackboneSettings(allow_untrained=True, download=False, seed=0)
@@ -31,9 +35,9 @@ def _info(num_classes=4):
                     num_classes=num_classes)
 
 
-def _ctx(resolution=32, backbones=UNTRAINED):
+def _ctx(resolution=32, backbones=UNTRAINED, options=None):
     return MetricContext(data=_info(), device=torch.device("cpu"), backbones=backbones, cache_dir=None,
-                         data_key="t", options={"resolution": resolution})
+                         data_key="t", options={"resolution": resolution, **(options or {})})
 
 
 def direct_region_means(feat, label, k):
@@ -165,3 +169,127 @@ def test_unsupported_without_labels_and_missing_weights(tmp_path):
     with pytest.raises(MissingWeightsError) as e:
         S.SemanticConsistency(_ctx(backbones=BackboneSettings(weights_dir=str(tmp_path), download=False)))
     assert "vgg19-dcbb9e9d.pth" in str(e.value) and "download.pytorch.org" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# backbone option: the authors' Caffe VGG19
+# ---------------------------------------------------------------------------------------------
+def test_backbone_caffe_is_the_caffe_vgg_and_recorded():
+    gt, label = _batch(1)
+    other, _ = _batch(2)
+    feed = ({"image": gt, "label": label}, MethodOutput(output=other))
+    caffe = S.SemanticConsistency(_ctx(options={"backbone": "caffe"}))
+    caffe.update(*feed)
+    got = caffe.compute()
+    assert caffe.provenance == {"vgg19_caffe": "untrained(seed=0)"}
+    assert caffe.settings["backbone"].startswith("Caffe VGG19 architecture, seeded random init")
+    # reference: the Caffe VGG19 on the protocol's images, the region cosine per layer
+    vgg = VGG19Features("caffe", S.SEM_LAYERS, UNTRAINED)
+    f_out, f_gt = vgg(S.prepare_images(other, 32)), vgg(S.prepare_images(gt, 32))
+    per_layer = {l: float(S.semantic_consistency(f_out[l], f_gt[l], label).mean()) for l in S.SEM_LAYERS}
+    assert got == pytest.approx({**{f"sem_consistency_{l}": v for l, v in per_layer.items()},
+                                 "sem_consistency": np.mean(list(per_layer.values()))}, rel=1e-12)
+    tv = S.SemanticConsistency(_ctx())  # default: torchvision, a different network
+    tv.update(*feed)
+    assert tv.compute()["sem_consistency"] != pytest.approx(got["sem_consistency"], rel=1e-6)
+    assert tv.provenance == {"vgg19": "untrained(seed=0)"} and tv.settings["backbone"].startswith("torchvision")
+    style = T.StyleRelevanceGlobal(_ctx(options={"backbone": "caffe"}))
+    assert style.provenance == {"vgg19_caffe": "untrained(seed=0)"}
+
+
+def test_backbone_option_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown options \['bogus'\]; valid: backbone, resolution"):
+        S.SemanticConsistency(_ctx(options={"bogus": 1}))
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        T.StyleRelevance(_ctx(options={"backbone": "imagenet"}))
+    # the Caffe file is never downloaded; without it (and without allow_untrained) the metric
+    # fails at construction, naming the file
+    with pytest.raises(MissingWeightsError, match="vgg19_conv.pth"):
+        S.SemanticConsistency(_ctx(backbones=BackboneSettings(weights_dir=str(tmp_path)), options={"backbone": "caffe"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG features shared by the metrics of one evaluation
+# ---------------------------------------------------------------------------------------------
+VGG_METRICS = ("sem_consistency", "sem_consistency_global", "style_relevance", "style_relevance_global")
+
+
+class _Stub(torch.nn.Module):
+    def generate(self, batch):
+        return MethodOutput(output=torch.roll(batch["image"], 1, dims=3).flip(2))
+
+
+def _loader(n_batches=2, n=2):
+    out = []
+    for i in range(n_batches):
+        img, label = _batch(10 + i, n=n)
+        ex, ex_label = _batch(20 + i, n=n)
+        out.append({"image": img, "cond": img, "label": label, "exemplar": ex, "exemplar_label": ex_label})
+    return out
+
+
+def _evaluate(names, options, loader, ctx=None):
+    """evaluate() as a trial runs it: one context, per-metric options via dataclasses.replace."""
+    ctx = ctx or _ctx()
+    metrics = {n: METRICS.get(n)(dataclasses.replace(ctx, options={"resolution": 32, **options.get(n, {})}))
+               for n in names}
+    values, _ = evaluate(_Stub(), loader, metrics, torch.device("cpu"))
+    return values, metrics
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    # mixed backbones and resolutions: only identical (backbone, image set, resolution) share
+    {"sem_consistency": {"backbone": "caffe"}, "style_relevance_global": {"resolution": 16}},
+])
+def test_shared_features_give_exactly_the_values_of_each_metric_alone(options):
+    loader = _loader()
+    shared, metrics = _evaluate(VGG_METRICS, options, loader)
+    alone = {}
+    for name in VGG_METRICS:  # each with its own context (own memo): nothing shared
+        alone.update(_evaluate([name], options, loader)[0])
+    assert shared == alone  # exactly
+    assert len({id(m.ctx.memo) for m in metrics.values()}) == 1
+    settings = {n: m.settings for n, m in metrics.items()}
+    assert settings["sem_consistency"]["backbone"].startswith("Caffe") == bool(options)
+    assert settings["style_relevance"]["backbone"].startswith("torchvision")
+
+
+def test_vgg_runs_once_per_image_set_and_batch(monkeypatch):
+    calls = []
+    forward = VGG19Features.forward
+
+    def counting(self, x):
+        calls.append((self.backbone, x.shape[0], tuple(self.layers)))
+        return forward(self, x)
+
+    monkeypatch.setattr(VGG19Features, "forward", counting)
+    loader = _loader(n_batches=3, n=2)
+    ctx = _ctx()
+    _evaluate(["sem_consistency", "sem_consistency_global"], {}, loader, ctx)
+    # per batch: the outputs once and the ground truths once (before: each metric ran both)
+    assert len(calls) == 2 * 3 and all(n == 2 for _, n, _ in calls)
+    assert not ctx.memo._values  # dropped after every batch
+    calls.clear()
+    _evaluate(VGG_METRICS, {}, loader)
+    # outputs (for relu1_2 ... relu5_2), ground truths (relu3_2 ... 5_2), exemplars (relu1_2, 2_2)
+    assert len(calls) == 3 * 3
+    assert sorted(set(len(layers) for _, _, layers in calls)) == [2, 3, 5]
+
+
+def test_eval_memo_is_per_batch():
+    memo = EvalMemo()
+    assert memo.resource("r", object) is memo.resource("r", object)
+    n = []
+    compute = lambda: n.append(1) or len(n)  # noqa: E731
+    batch, x = {}, torch.zeros(2)
+    assert memo.per_batch(batch, "k", x, compute) == 1
+    assert memo.per_batch(batch, "k", x, compute) == 1  # reused
+    assert memo.per_batch(batch, "k", x.clone(), compute) == 2  # another tensor
+    assert memo.per_batch(batch, "other", x, compute) == 3  # another key
+    x.add_(1)  # changed in place: not the same images any more
+    assert memo.per_batch(batch, "k", x, compute) == 4
+    assert memo.per_batch({}, "k", x, compute) == 5  # a new batch drops the old values
+    assert len(memo._values) == 1
+    memo.end_batch()
+    assert not memo._values and memo.per_batch(batch, "k", x, compute) == 6

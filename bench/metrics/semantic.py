@@ -13,11 +13,29 @@ papers report is not confirmed, so all are logged).
 ``sem_consistency_global`` is the simpler label-free variant: the cosine of the whole-image mean
 features (one region covering the image), same layers.
 
-Backbone: torchvision's ImageNet VGG19 (``methods.common.vgg``); the authors used a Caffe VGG19
-(``vgg19_conv.pth``, BGR, mean-only normalisation), so absolute values differ from the papers'
--- recorded in settings. Upsampling a feature map with nearest and averaging over a region equals
-a count-weighted average over the low-resolution cells, which is how it is computed here (exact,
-and ~(256/h)^2 times cheaper than materialising the upsampled maps; tested against the direct way).
+Options (``eval.metric_options.<metric>``; the same for the style metrics): ``resolution``
+(default 256, the protocol's) and ``backbone``:
+
+* ``torchvision`` (default): torchvision's ImageNet VGG19 (``vgg19-dcbb9e9d.pth``, RGB, ImageNet
+  mean/std). It is the default because it is the file that can be fetched from a stable URL (the
+  harness downloads it when the network allows); absolute values differ from the papers'.
+* ``caffe``: the authors' network and preprocessing exactly: the Caffe VGG19 ``vgg19_conv.pth``
+  (BGR, minus the Caffe mean, x255; ``methods/common/vgg_caffe.py``). That file is never
+  downloaded (Google-Drive link only): put it in the weights directory.
+
+The backbone is recorded in the settings (``backbone``) and its weights' hash or untrained seed in
+the provenance (``vgg19`` for torchvision, ``vgg19_caffe`` for caffe).
+
+Shared features: within one evaluation, the VGG metrics (semantic and style, label-wise and
+global) share one feature extractor per backbone (``SharedVGG``, in ``MetricContext.memo``). Each
+metric registers which layers it reads from which image set (output, ground truth, exemplar) at
+which resolution; every image set of a batch then goes through the VGG once, for the union of
+those layers, and the features are dropped after the batch. A metric computed alone gives the
+same values (tested).
+
+Upsampling a feature map with nearest and averaging over a region equals a count-weighted average
+over the low-resolution cells, which is how it is computed here (exact, and ~(256/h)^2 times
+cheaper than materialising the upsampled maps; tested against the direct way).
 """
 from __future__ import annotations
 
@@ -27,15 +45,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.metrics.base import METRICS, Metric, MetricContext, reference_image, to_uint8_hwc
-from methods.common.vgg import VGGFeatures
+from bench.metrics.base import METRICS, EvalMemo, Metric, MetricContext, reference_image, to_uint8_hwc
+from methods.base import BackboneSettings
+from methods.common.vgg_caffe import BACKBONES, VGG19Features
 from methods.common.weights import is_untrained
 
 SEM_LAYERS = ("relu3_2", "relu4_2", "relu5_2")
 PROTOCOL_SIZE = 256
-BACKBONE_NOTE = ("torchvision VGG19 IMAGENET1K_V1, ImageNet mean/std (authors: Caffe vgg19_conv.pth, "
-                 "BGR mean-only; absolute values differ)")
-UNTRAINED_NOTE = "torchvision VGG19 architecture, seeded random init (untrained: numbers are not comparable)"
+DEFAULT_BACKBONE = "torchvision"
+PROVENANCE_NAME = {"torchvision": "vgg19", "caffe": "vgg19_caffe"}
+# settings["backbone"]: (backbone, untrained) -> note
+BACKBONE_NOTES = {
+    ("torchvision", False): ("torchvision VGG19 IMAGENET1K_V1, ImageNet mean/std (authors: Caffe vgg19_conv.pth, "
+                             "BGR mean-only; absolute values differ)"),
+    ("torchvision", True): "torchvision VGG19 architecture, seeded random init (untrained: numbers are not comparable)",
+    ("caffe", False): "Caffe VGG19 vgg19_conv.pth, BGR minus the Caffe mean, x255 (the authors' network and preprocessing)",
+    ("caffe", True): "Caffe VGG19 architecture, seeded random init (untrained: numbers are not comparable)",
+}
 
 
 def prepare_images(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -106,34 +132,73 @@ def semantic_consistency(feat_out: torch.Tensor, feat_gt: torch.Tensor, label: t
     return (cosine(m_out, m_gt) * weights).sum(-1)
 
 
+class SharedVGG:
+    """One backbone's VGG19 for every VGG metric of an evaluation (one per ``MetricContext.memo``).
+
+    ``register(image_set, size, layers)`` at metric construction; ``features`` then runs the
+    network once per image tensor and batch, for the union of the layers registered for its
+    image set and resolution, and hands every metric the same result.
+    """
+
+    def __init__(self, backbone: str, settings: BackboneSettings, device: torch.device):
+        self.backbone, self.settings, self.device = backbone, settings, device
+        self.layers: Dict[Tuple[str, int], List[str]] = {}
+        self.nets: Dict[Tuple[str, int], VGG19Features] = {}
+
+    def register(self, image_set: str, size: int, layers: Sequence[str]) -> None:
+        have = self.layers.setdefault((image_set, size), [])
+        new = [l for l in layers if l not in have]
+        if new:
+            have.extend(new)
+            self.nets.pop((image_set, size), None)  # rebuilt for the union (the weights are cached)
+
+    def _run(self, key: Tuple[str, int], x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if key not in self.nets:
+            self.nets[key] = VGG19Features(self.backbone, self.layers[key], self.settings).to(self.device)
+        return self.nets[key](prepare_images(x, key[1]))
+
+    @torch.no_grad()
+    def features(self, memo: EvalMemo, batch: dict, image_set: str, x: torch.Tensor,
+                 size: int) -> Dict[str, torch.Tensor]:
+        key = (image_set, size)
+        return memo.per_batch(batch, ("vgg19", id(self), key), x, lambda: self._run(key, x))
+
+
 class _VGGMetric(Metric):
     """Shared plumbing: VGG19 features of two image sets at the protocol resolution."""
 
     layers: Sequence[str] = ()
+    image_sets: Tuple[str, str] = ("output", "reference")  # what is compared with what
     prefix = ""
 
     def __init__(self, ctx: MetricContext):
         super().__init__(ctx)
         opts = dict(ctx.options)
         self.size = int(opts.pop("resolution", PROTOCOL_SIZE))
+        self.backbone = str(opts.pop("backbone", DEFAULT_BACKBONE))
         if opts:
-            raise ValueError(f"{self.prefix}: unknown options {sorted(opts)}; valid: resolution")
-        self.vgg = VGGFeatures(self.layers, ctx.backbones, purpose=f"{self.prefix} metric (VGG19)").to(ctx.device)
-        self.provenance = {"vgg19": self.vgg.provenance}
+            raise ValueError(f"{self.prefix}: unknown options {sorted(opts)}; valid: backbone, resolution")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"{self.prefix}: backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        # Built here so that a missing weights file fails the trial before training.
+        vgg = VGG19Features(self.backbone, self.layers, ctx.backbones,
+                            purpose=f"{self.prefix} metric (VGG19, backbone: {self.backbone})")
+        self.provenance = {PROVENANCE_NAME[self.backbone]: vgg.provenance}
+        self.vgg = ctx.memo.resource(("vgg19", self.backbone, repr(ctx.backbones), str(ctx.device)),
+                                     lambda: SharedVGG(self.backbone, ctx.backbones, ctx.device))
+        for image_set in self.image_sets:
+            self.vgg.register(image_set, self.size, self.layers)
         self.values: Dict[str, List[float]] = {l: [] for l in self.layers}
 
-    @torch.no_grad()
-    def features(self, a: torch.Tensor, b: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-        """One VGG pass over both sets; layer -> (features of a, features of b)."""
-        x = torch.cat([prepare_images(a, self.size), prepare_images(b, self.size)])
-        feats = self.vgg(x)
-        n = a.shape[0]
-        return {l: (f[:n], f[n:]) for l, f in feats.items()}
+    def features(self, batch: dict, a: torch.Tensor, b: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """layer -> (features of a, features of b), a and b being ``image_sets``' images of ``batch``."""
+        fa, fb = (self.vgg.features(self.ctx.memo, batch, s, x, self.size) for s, x in zip(self.image_sets, (a, b)))
+        return {l: (fa[l], fb[l]) for l in self.layers}
 
     def _settings(self) -> Dict[str, object]:
         n = len(next(iter(self.values.values())))
-        backbone = UNTRAINED_NOTE if is_untrained(self.vgg.provenance) else BACKBONE_NOTE
-        return {"backbone": backbone, "resolution": self.size, "n_images": n,
+        untrained = is_untrained(self.provenance[PROVENANCE_NAME[self.backbone]])
+        return {"backbone": BACKBONE_NOTES[(self.backbone, untrained)], "resolution": self.size, "n_images": n,
                 "layers": ",".join(self.layers), "quantisation": "uint8"}
 
     def _result(self, names: Dict[str, str], mean_name: Optional[str]) -> Dict[str, float]:
@@ -164,7 +229,7 @@ class SemanticConsistency(_VGGMetric):
         if "label" not in batch:
             raise ValueError("sem_consistency needs batch['label'] (the input's class map)")
         label = prepare_labels(batch["label"], self.size)
-        for layer, (f_out, f_gt) in self.features(out.output, reference_image(batch)).items():
+        for layer, (f_out, f_gt) in self.features(batch, out.output, reference_image(batch)).items():
             self.values[layer].extend(semantic_consistency(f_out, f_gt, label).tolist())
 
     def compute(self):
@@ -180,7 +245,7 @@ class SemanticConsistencyGlobal(_VGGMetric):
     prefix = "sem_consistency_global"
 
     def update(self, batch, out):
-        for layer, (f_out, f_gt) in self.features(out.output, reference_image(batch)).items():
+        for layer, (f_out, f_gt) in self.features(batch, out.output, reference_image(batch)).items():
             self.values[layer].extend(cosine(f_out.double().mean((2, 3)), f_gt.double().mean((2, 3))).tolist())
 
     def compute(self):

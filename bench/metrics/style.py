@@ -13,6 +13,10 @@ label map (the input's ``label`` for the output, ``exemplar_label`` for the exem
 relu1_2 gives ``style_color`` and relu2_2 ``style_texture`` (CoCosNet: "relu1_2 and relu2_2 ...
 colour and texture"). ``style_relevance_global`` is the label-free variant: the cosine of the
 whole-image mean features (``style_color_global``, ``style_texture_global``).
+
+Options ``resolution`` and ``backbone`` (``torchvision`` by default, ``caffe`` for the authors'
+``vgg19_conv.pth``), and the VGG features shared with the other VGG metrics of an evaluation:
+see ``bench/metrics/semantic.py``.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class StyleRelevance(_VGGMetric):
     """Same-class region-mean VGG cosine of output vs exemplar at relu1_2 / relu2_2 (higher is better)."""
 
     layers = STYLE_LAYERS
+    image_sets = ("output", "exemplar")
     prefix = "style_relevance"
 
     @classmethod
@@ -60,7 +65,7 @@ class StyleRelevance(_VGGMetric):
             raise ValueError(f"style_relevance needs batch keys {missing} (class maps of input and exemplar)")
         lo = prepare_labels(batch["label"], self.size)
         le = prepare_labels(batch["exemplar_label"], self.size)
-        for layer, (f_out, f_ex) in self.features(out.output, batch["exemplar"]).items():
+        for layer, (f_out, f_ex) in self.features(batch, out.output, batch["exemplar"]).items():
             self.values[layer].extend(style_relevance(f_out, f_ex, lo, le).tolist())
         shared = [len(set(a.unique().tolist()) & set(b.unique().tolist()) - {IGNORE_LABEL}) for a, b in zip(lo, le)]
         self.no_shared += sum(1 for s in shared if s == 0)
@@ -77,10 +82,11 @@ class StyleRelevanceGlobal(_VGGMetric):
     """Cosine of whole-image mean VGG features of output vs exemplar (no label maps needed)."""
 
     layers = STYLE_LAYERS
+    image_sets = ("output", "exemplar")
     prefix = "style_relevance_global"
 
     def update(self, batch, out):
-        for layer, (f_out, f_ex) in self.features(out.output, batch["exemplar"]).items():
+        for layer, (f_out, f_ex) in self.features(batch, out.output, batch["exemplar"]).items():
             self.values[layer].extend(cosine(f_out.double().mean((2, 3)), f_ex.double().mean((2, 3))).tolist())
 
     def compute(self):
