@@ -43,9 +43,9 @@ class DomainAdaptor(nn.Module):
         # Official --warp_stride 2 keeps layer4 at stride 1 (matching at 1/2 resolution).
         self.layer4 = sn_instance_conv(4 * nf, 8 * nf, kernel if down == 4 else 3, 2 if down == 4 else 1)
         self.layer5 = sn_instance_conv(8 * nf, 8 * nf, 3, 1)
-        self.head_0 = SPADEResBlock(8 * nf, 8 * nf, in_nc, hidden, norm)
-        self.G_middle_0 = SPADEResBlock(8 * nf, 8 * nf, in_nc, hidden, norm)
-        self.G_middle_1 = SPADEResBlock(8 * nf, 4 * nf, in_nc, hidden, norm)
+        self.head_0 = SPADEResBlock(8 * nf, 8 * nf, in_nc, hidden, norm, padding="reflect")
+        self.G_middle_0 = SPADEResBlock(8 * nf, 8 * nf, in_nc, hidden, norm, padding="reflect")
+        self.G_middle_1 = SPADEResBlock(8 * nf, 4 * nf, in_nc, hidden, norm, padding="reflect")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seg = x  # official: adaptive_model_seg(seg, seg) / adaptive_model_img(ref, ref)

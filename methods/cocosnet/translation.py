@@ -50,7 +50,7 @@ class CoCosNetGenerator(nn.Module):
         self.sh = resolution // 32
         nf = ngf
         self.fc = nn.Conv2d(cbn_nc, 16 * nf, 3, padding=1)
-        blk = lambda fin, fout: SPADEResBlock(fin, fout, cbn_nc, hidden, norm)  # noqa: E731
+        blk = lambda fin, fout: SPADEResBlock(fin, fout, cbn_nc, hidden, norm, padding="reflect")  # noqa: E731
         self.head_0 = blk(16 * nf, 16 * nf)
         self.G_middle_0 = blk(16 * nf, 16 * nf)
         self.G_middle_1 = blk(16 * nf, 16 * nf)

@@ -74,11 +74,11 @@ class MultiLevelEncoder(nn.Module):
         self.downs = nn.ModuleList(downs)
         # Decoder: head at the coarsest factor, then one block per finer factor down to ``finest``.
         ups = [SPADEResBlock(skip_channels(nef, coarsest), level_channels(nef, coarsest), in_nc, spade_hidden,
-                             "positional")]
+                             "positional", padding="reflect")]
         f, cin = coarsest, level_channels(nef, coarsest)
         while f > finest:
             f //= 2
-            ups.append(SPADEResBlock(cin, level_channels(nef, f), in_nc, spade_hidden, "positional"))
+            ups.append(SPADEResBlock(cin, level_channels(nef, f), in_nc, spade_hidden, "positional", padding="reflect"))
             cin = level_channels(nef, f)
         self.ups = nn.ModuleList(ups)
 

@@ -139,7 +139,7 @@ class TranslationGenerator(nn.Module):
         super().__init__()
         ic = 3 * n_levels + label_nc
         self.resolution, self.sh = resolution, resolution // 32
-        blk = lambda i, o: SPADEResBlock(i * ngf, o * ngf, ic, hidden, "positional")  # noqa: E731
+        blk = lambda i, o: SPADEResBlock(i * ngf, o * ngf, ic, hidden, "positional", padding="reflect")  # noqa: E731
         self.fc = nn.Conv2d(ic, 8 * ngf, 3, padding=1)
         self.head_0, self.G_middle_0, self.G_middle_1 = blk(8, 8), blk(8, 8), blk(8, 8)
         self.up_0, self.up_1, self.up_2, self.up_3 = blk(8, 8), blk(8, 4), blk(4, 2), blk(2, 1)

@@ -36,16 +36,35 @@ def param_free_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown parameter-free norm {kind!r}; choose batch, instance or positional")
 
 
+class PaddedConv2d(nn.Conv2d):
+    """A stride-1 "same" convolution whose border is ``zeros`` or ``reflect`` (reflect-101, as
+    ``nn.ReflectionPad2d``). A map no larger than the pad cannot be reflected -- the 1x1 head of
+    a tiny-scale generator -- so there the border value is repeated (the only one there is)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, padding: str = "zeros", bias: bool = True):
+        if padding not in ("zeros", "reflect"):
+            raise ValueError(f"padding must be 'zeros' or 'reflect', got {padding!r}")
+        super().__init__(cin, cout, kernel, padding=kernel // 2 if padding == "zeros" else 0, bias=bias)
+        self.border = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.border == "zeros":
+            return super().forward(x)
+        p = self.kernel_size[0] // 2
+        return super().forward(F.pad(x, (p, p, p, p), mode="reflect" if min(x.shape[-2:]) > p else "replicate"))
+
+
 class SPADE(nn.Module):
     """Spatially-adaptive denormalisation: norm(x) * (1 + gamma(seg)) + beta(seg)."""
 
-    def __init__(self, norm_nc: int, label_nc: int, hidden: int = 128, norm: str = "batch", kernel: int = 3):
+    def __init__(self, norm_nc: int, label_nc: int, hidden: int = 128, norm: str = "batch", kernel: int = 3,
+                 padding: str = "zeros"):
         super().__init__()
         self.norm = param_free_norm(norm, norm_nc)
-        pad = kernel // 2
-        self.shared = nn.Sequential(nn.Conv2d(label_nc, hidden, kernel, padding=pad), nn.ReLU())
-        self.gamma = nn.Conv2d(hidden, norm_nc, kernel, padding=pad)
-        self.beta = nn.Conv2d(hidden, norm_nc, kernel, padding=pad)
+        conv = lambda cin, cout: PaddedConv2d(cin, cout, kernel, padding)  # noqa: E731
+        self.shared = nn.Sequential(conv(label_nc, hidden), nn.ReLU())
+        self.gamma = conv(hidden, norm_nc)
+        self.beta = conv(hidden, norm_nc)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         seg = F.interpolate(seg, size=x.shape[2:], mode="nearest")
@@ -54,21 +73,25 @@ class SPADE(nn.Module):
 
 
 class SPADEResBlock(nn.Module):
-    """Residual block with SPADE norms and spectral-norm convolutions (SPADE's ``SPADEResnetBlock``)."""
+    """Residual block with SPADE norms and spectral-norm convolutions (SPADE's ``SPADEResnetBlock``).
+
+    ``padding`` of every 3x3 conv, the SPADE MLPs' included: ``zeros`` in SPADE, ``reflect`` in
+    CoCosNet's ``architecture.py`` (ReflectionPad2d(1) + conv, which v2 and MIDMs reuse).
+    """
 
     def __init__(self, fin: int, fout: int, label_nc: int, hidden: int = 128, norm: str = "batch",
-                 use_spectral: bool = True):
+                 use_spectral: bool = True, padding: str = "zeros"):
         super().__init__()
         fmid = min(fin, fout)
         self.learned_shortcut = fin != fout
         sn = spectral_norm if use_spectral else (lambda m: m)
-        self.conv_0 = sn(nn.Conv2d(fin, fmid, 3, padding=1))
-        self.conv_1 = sn(nn.Conv2d(fmid, fout, 3, padding=1))
-        self.norm_0 = SPADE(fin, label_nc, hidden, norm)
-        self.norm_1 = SPADE(fmid, label_nc, hidden, norm)
+        self.conv_0 = sn(PaddedConv2d(fin, fmid, 3, padding))
+        self.conv_1 = sn(PaddedConv2d(fmid, fout, 3, padding))
+        self.norm_0 = SPADE(fin, label_nc, hidden, norm, padding=padding)
+        self.norm_1 = SPADE(fmid, label_nc, hidden, norm, padding=padding)
         if self.learned_shortcut:
             self.conv_s = sn(nn.Conv2d(fin, fout, 1, bias=False))
-            self.norm_s = SPADE(fin, label_nc, hidden, norm)
+            self.norm_s = SPADE(fin, label_nc, hidden, norm, padding=padding)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         xs = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x

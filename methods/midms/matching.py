@@ -44,7 +44,8 @@ class ShallowEncoder(nn.Module):
         self.layer1 = _sn_in_conv(in_channels, hidden)
         self.layer2 = _sn_in_conv(hidden, 4 * hidden)
         self.layer3 = _sn_in_conv(4 * hidden, 8 * hidden)
-        self.block = SPADEResBlock(8 * hidden, out_channels, seg_channels, hidden=spade_hidden, norm="positional")
+        self.block = SPADEResBlock(8 * hidden, out_channels, seg_channels, hidden=spade_hidden, norm="positional",
+                                   padding="reflect")
 
     def forward(self, x: torch.Tensor, seg: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.layer1(x)
