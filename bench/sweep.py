@@ -219,16 +219,20 @@ def recipe_keys(dataset: DatasetSpec) -> List[str]:
 
 
 def _check_recipes(spec: SweepSpec, where: _Where) -> None:
-    datasets = [_resolved_dataset(d) for d in spec.datasets]
-    known = sorted({k for d in datasets for k in recipe_keys(d)})
+    """Recipe keys must name a registered dataset or dataset-variant (a typo would silently apply
+    nothing); they need not match this sweep's datasets, since profiles swap datasets."""
+    from datasets.registry import DATASETS
+
     for mi, m in enumerate(spec.methods):
         if m.recipe not in ("official", "none"):
             raise where(["methods", mi, "recipe"], f"must be 'official' or 'none', got {m.recipe!r}")
         for key in m.recipes:
-            if key not in known:
+            name, _, variant = key.partition("-")
+            if name not in DATASETS or (variant and variant not in DATASETS.get(name).variants):
+                known = sorted(n + (f"-{v}" if v else "") for n in DATASETS.names()
+                               for v in ("",) + tuple(DATASETS.get(n).variants))
                 raise where(["methods", mi, "recipes", key],
-                            f"matches no dataset of this sweep; recipe keys are a dataset name or "
-                            f"name-variant: {known}")
+                            f"not a dataset or dataset-variant; recipe keys are one of {known}")
 
 
 def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]:

@@ -217,9 +217,12 @@ def test_recipes_apply_per_dataset_in_order(tmp_path, official_spade_recipes):
 
 
 def test_recipe_errors(tmp_path, official_spade_recipes):
-    msg = error_of(write(tmp_path, RECIPES.replace("embedded-edge: {lambda_feat", "embedded-keypoint: {lambda_feat")))
-    assert "recipes.embedded-keypoint: matches no dataset of this sweep" in msg and "embedded-edge" in msg
+    msg = error_of(write(tmp_path, RECIPES.replace("embedded-edge: {lambda_feat", "embedded-egde: {lambda_feat")))
+    assert "recipes.embedded-egde: not a dataset or dataset-variant" in msg and "'embedded-edge'" in msg
     assert ":6:" in msg  # the line of the key
+    # a recipe for a dataset the sweep (or its profile) does not use is fine: it applies to nothing
+    trials = expand(load_sweep(write(tmp_path, RECIPES.replace("embedded-edge: {lambda_feat", "ade20k: {lambda_feat"))))
+    assert {t.method_options["lambda_feat"] for t in trials} == {2.0, 3.0}
     msg = error_of(write(tmp_path, RECIPES.replace("  - name: spade\n", "  - name: spade\n    recipe: paper\n")))
     assert "recipe: must be 'official' or 'none'" in msg
     msg = error_of(write(tmp_path, RECIPES.replace("{lambda_feat: 4.0}", "{lambda_fet: 4.0}")))
