@@ -343,9 +343,12 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
     method.train()
 
     steps = cfg.train.steps
+    # The loader gets its own generator: creating an iterator draws a base seed from it, and from the
+    # global RNG without one -- a draw the uninterrupted run makes at step 0 and a resumed run would
+    # make at its start step, shifting every random number after it (exact resume would break).
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.seed, start, steps, shard),
-        num_workers=cfg.train.num_workers)
+        num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + start))
     window: Dict[str, List[float]] = {}
     t_window, n_window = time.time(), 0
     step = start

@@ -27,6 +27,7 @@ class ToyOptions:
     step_seconds: float = 0.0  # sleep per step, so a test can interrupt a trial mid-way
     kill_once_at_step: int = -1  # the worker process dies (os._exit) at this step, once ...
     kill_marker: str = ""  # ... as recorded by creating this file
+    input_noise: float = 0.0  # Gaussian noise on the exemplar in training, drawn from torch's global RNG (as GANs/VAEs do)
 
 
 @METHODS.register("toy")
@@ -56,6 +57,8 @@ class ToyMethod(ExemplarMethod):
             os._exit(1)  # a hard crash: no exception handling, no MLflow status update
         if step == self.options.fail_at_step:
             raise RuntimeError(f"toy failure at step {step}")
+        if o.input_noise:
+            batch = dict(batch, exemplar=batch["exemplar"] + o.input_noise * torch.randn_like(batch["exemplar"]))
         loss = F.l1_loss(self._forward(batch), batch["image"])
         self.opt.zero_grad()
         loss.backward()
