@@ -226,7 +226,8 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
         if status != "FINISHED":
             failed.append((t.name, status))
     log(summary_table(rows))
-    untrained = sorted({run.data.tags.get("bench.untrained_backbones") for run in runs.values()} - {None, "none"})
+    untrained = sorted({name for run in runs.values()
+                        for name in run.data.tags.get("bench.untrained_backbones", "none").split(",")} - {"none", ""})
     if untrained:
         log(f"note: some numbers above come from untrained (random-init) backbones ({', '.join(untrained)}); "
             "they are labelled in MLflow (tag bench.untrained_backbones) and not comparable with published ones")
