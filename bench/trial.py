@@ -119,8 +119,11 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> Dict[str, Any]:
     """Every RNG a trial uses, as plain tensors/lists (loadable with ``weights_only=True``)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.random.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-            "python": random.getstate()}
+    state = {"torch": torch.random.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "python": random.getstate()}
+    if torch.cuda.is_available():  # noise drawn on the GPU comes from the per-device generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -128,6 +131,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def pick_device(cfg: TrialConfig) -> torch.device:
