@@ -26,7 +26,8 @@ def list_registered() -> List[str]:
 
     load_plugins()
     return ([f"method {n}" for n in METHODS.names()] + [f"dataset {n}" for n in DATASETS.names()]
-            + [f"metric {n}" for n in METRICS.names()])
+            + [f"metric {n}" for n in METRICS.names()]
+            + [f"recipe {n}:{key}" for n in METHODS.names() for key in METHODS.get(n).recipes])
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -34,7 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", nargs="?", help="sweep YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
-    p.add_argument("--list", action="store_true", help="print every registered method, dataset and metric")
+    p.add_argument("--list", action="store_true", help="print every registered method, dataset, metric and "
+                   "official per-dataset recipe (method:dataset)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded trials and exit")
     p.add_argument("--profile", help="a profile defined in the sweep (e.g. smoke)")
     p.add_argument("--force", action="store_true", help="re-run trials that already FINISHED")

@@ -143,7 +143,8 @@ def test_cli_dry_run_and_list(tmp_path):
     assert lines[0].startswith("spade/full/embedded-edge/s0  key=") and "steps=5" in lines[0]
     listed = run_cli("--list").stdout.splitlines()
     assert "method spade" in listed and "dataset embedded" in listed and "metric ssim" in listed
-    assert all(line.split(" ")[0] in ("method", "dataset", "metric") and len(line.split(" ")) == 2
+    assert "recipe cocosnet:celebahq-edge" in listed
+    assert all(line.split(" ")[0] in ("method", "dataset", "metric", "recipe") and len(line.split(" ")) == 2
                for line in listed)
     bad = run_cli(write(tmp_path, GOOD), "--dry-run", "train.stepz=5")
     assert bad.returncode == 2 and "train.stepz: unknown key; did you mean 'steps'?" in bad.stderr
