@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any, Dict
 
 # --adaptor_kernel 4 --warp_bilinear --fm_ratio 1.0 --which_perceptual 4_2 --weight_perceptual 0.001
+# (adaptor_kernel 4 is in the README's CelebA-HQ edge *test* command only, but the released models
+# were trained with it: loading them needs it.)
 _FACES_AND_FASHION: Dict[str, Any] = {
     "adaptor_kernel": 4, "warp_bilinear": True, "lambda_feat_vgg": 10.0,  # --lambda_vgg 10 x --fm_ratio 1.0
     "perc_layer": "relu4_2", "lambda_perc": 0.001,
