@@ -134,17 +134,18 @@ def test_pyramid_bit_identical_to_scipy_mirror():
             np.testing.assert_array_equal(g.numpy(), r)
 
 
-@pytest.mark.parametrize("ratio", [0, tswd.SPARSE_LAPLACIAN_MIN_RATIO, 10 ** 9])
+@pytest.mark.parametrize("ratio,threads", [(0, 1), (tswd.SPARSE_LAPLACIAN_MIN_RATIO, 1),
+                                           (tswd.SPARSE_LAPLACIAN_MIN_RATIO, 2), (10 ** 9, 3)])
 @pytest.mark.parametrize("integral", [True, False])
-def test_sampled_laplacian_equals_whole_pyramid(monkeypatch, ratio, integral):
-    """Laplacian evaluated at the sampled pixels only (every level, the default mix, no level) is
-    bit-identical to gathering from the whole pyramid, same draws -- borders included: with 64
-    patches per 32x32 image, some centres sit on the first and last valid rows and columns."""
+def test_sampled_laplacian_equals_whole_pyramid(monkeypatch, ratio, threads, integral):
+    """Laplacian evaluated at the sampled pixels only (every level, the default mix, no level; the
+    batch split over threads or not) is bit-identical to gathering from the whole pyramid, same
+    draws -- borders included: some centres sit on the first and last valid rows and columns."""
     monkeypatch.setattr(tswd, "SPARSE_LAPLACIAN_MIN_RATIO", ratio)
     x = torch.from_numpy(np.random.RandomState(8).randint(0, 256, (3, 3, 128, 96)).astype(np.uint8))
     if not integral:
         x = x.float() * 0.731 + 0.1
-    got = tswd.laplacian_patch_descriptors(x, 4, np.random.RandomState(2), per_image=200)
+    got = tswd.laplacian_patch_descriptors(x, 4, np.random.RandomState(2), per_image=200, threads=threads)
     rng = np.random.RandomState(2)
     want = [tswd.patch_descriptors(lev, rng, per_image=200) for lev in tswd.laplacian_pyramid(x, 4)]
     assert [g.shape for g in got] == [w.shape for w in want]
@@ -218,7 +219,7 @@ def test_transposed_layout_matters():
     reals, fakes = _published_pair()
     orig = tswd.laplacian_patch_descriptors
     try:
-        tswd.laplacian_patch_descriptors = lambda *a: [d.transpose(2, 3).contiguous() for d in orig(*a)]
+        tswd.laplacian_patch_descriptors = lambda *a, **k: [d.transpose(2, 3).contiguous() for d in orig(*a, **k)]
         wrong = torch_swd_reference_order(reals, fakes, 20, np.random.RandomState(0))
     finally:
         tswd.laplacian_patch_descriptors = orig

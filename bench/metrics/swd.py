@@ -228,23 +228,47 @@ def _upsampled_patches(coarse: torch.Tensor, x: torch.Tensor, y: torch.Tensor, p
 
 
 def laplacian_patch_descriptors(images: torch.Tensor, num_levels: int, rng: np.random.RandomState,
-                                nhood_size: int = NHOOD_SIZE,
-                                per_image: int = NHOODS_PER_IMAGE) -> List[torch.Tensor]:
+                                nhood_size: int = NHOOD_SIZE, per_image: int = NHOODS_PER_IMAGE,
+                                threads: int = 1) -> List[torch.Tensor]:
     """``patch_descriptors`` of every ``laplacian_pyramid`` level, same draws, same values.
 
     Only ~12 % of a 256^2 level lies in some patch, so on the large levels the Laplacian
     G_k - pyr_up(G_{k+1}) is evaluated at the sampled pixels only; small levels, where the
-    patches cover the level several times over, are computed whole.
+    patches cover the level several times over, are computed whole. The centres of every level
+    are drawn first (the reference's order), so ``threads`` > 1 can then process slices of the
+    batch concurrently (torch releases the GIL); the result does not depend on ``threads``.
     """
+    n, _, h, w = images.shape
+    half = nhood_size // 2
+    centres = []
+    for _ in range(num_levels):
+        centres.append(_patch_centres(rng, per_image * n, h, w, half))
+        h, w = (h + 1) // 2, (w + 1) // 2  # the size _pyr_down gives
+    bounds = np.linspace(0, n, min(max(1, threads), n) + 1).astype(int)
+    slices = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def work(lo_hi) -> List[torch.Tensor]:
+        lo, hi = lo_hi
+        return _laplacian_patches(images[lo:hi], [(x[lo * per_image:hi * per_image], y[lo * per_image:hi * per_image])
+                                                  for x, y in centres], nhood_size, per_image)
+
+    if len(slices) == 1:
+        return work(slices[0])
+    with ThreadPoolExecutor(len(slices)) as pool:
+        parts = list(pool.map(work, slices))
+    return [torch.cat([p[k] for p in parts]) for k in range(num_levels)]
+
+
+def _laplacian_patches(images: torch.Tensor, centres, nhood_size: int, per_image: int) -> List[torch.Tensor]:
+    """The patches at the given centres (one (x, y) pair of index tensors per level) of ``images``."""
     integral = images.dtype == torch.uint8
-    gauss = gaussian_pyramid(images, num_levels)
+    gauss = gaussian_pyramid(images, len(centres))
     half = nhood_size // 2
     out = []
-    for k, level in enumerate(gauss):
-        n, _, h, w = level.shape
-        x, y = _patch_centres(rng, per_image * n, h, w, half)
+    for k, (level, (x, y)) in enumerate(zip(gauss, centres)):
+        h, w = level.shape[-2:]
         dtype = _exact_dtype(integral, k + 1)
-        if k == num_levels - 1:  # the coarsest level is the Gaussian itself
+        if k == len(centres) - 1:  # the coarsest level is the Gaussian itself
             out.append(_gather_patches(level, x, y, per_image, nhood_size, -half))
         elif h * w > SPARSE_LAPLACIAN_MIN_RATIO * per_image * nhood_size ** 2:
             fine = _gather_patches(level, x, y, per_image, nhood_size, -half)
@@ -366,8 +390,9 @@ class SWDAccumulator:
         """(N, 3, H, W) images with 0..255 values (uint8 or float)."""
         if images.shape[2] != self.resolutions[0]:
             raise ValueError(f"SWD: image height {images.shape[2]} != {self.resolutions[0]} of earlier images")
+        threads = torch.get_num_threads()  # slices of the batch in parallel, each op single-threaded
         with single_threaded_torch():
-            levels = laplacian_patch_descriptors(images, len(self.resolutions), self.rng[which])
+            levels = laplacian_patch_descriptors(images, len(self.resolutions), self.rng[which], threads=threads)
         for lod, desc in enumerate(levels):
             self.desc[which][lod].append(desc)
         self.count[which] += images.shape[0]
