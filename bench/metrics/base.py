@@ -113,5 +113,5 @@ def reference_image(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 def to_uint8_hwc(x: torch.Tensor) -> "np.ndarray":  # noqa: F821
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounding like torchvision's save_image."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).add_(0.5).clamp_(0, 255)
+    x = x.detach().float().clamp(-1, 1).add_(1).mul_(127.5).add_(0.5).clamp_(0, 255)  # one copy, then in place
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
