@@ -281,6 +281,29 @@ def run_trial(cfg: TrialConfig, env: TrialEnv, reporter: Reporter = Reporter(),
         raise
 
 
+def build_trial_metrics(cfg: TrialConfig, names: List[str], eval_ds: ExemplarDataset, device: torch.device,
+                        env: TrialEnv) -> Dict[str, Any]:
+    """The trial's metrics, built without moving any random stream: their backbones are cached per
+    process, so drawing from the trial's streams here would make a trial's training depend on
+    which trials a (reused) worker process ran before it."""
+    mctx = MetricContext(
+        data=eval_ds.info, device=device, cache_dir=Path(env.cache_dir),
+        backbones=BackboneSettings(weights_dir=cfg.train.weights_dir, seed=cfg.seed,
+                                   allow_untrained=cfg.eval.allow_untrained_backbones),
+        data_key=f"{cfg.dataset_label}|{cfg.dataset.eval_split}|{cfg.dataset.root}|"
+                 f"{sorted(cfg.dataset.options.items())}|n={min(cfg.eval.num_samples, len(eval_ds))}",
+        seed=cfg.seed)
+    streams = rng_state()
+    try:
+        metrics = {}
+        for name in names:
+            mctx.options = cfg.eval.metric_options.get(name, {})
+            metrics.update(build_metrics([name], dataclasses.replace(mctx)))
+        return metrics
+    finally:
+        set_rng_state(streams)
+
+
 def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: Shard):
     seed_everything(cfg.seed)
     train_ds = make_dataset(cfg, cfg.dataset.train_split)
@@ -291,17 +314,7 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
         average_gradients_before_step(method, shard.world)
         torch.manual_seed(cfg.seed * 1000 + shard.rank)  # per-worker noise (dropout, diffusion, ...)
     metric_names, skipped_metrics = select_metrics(cfg.eval.metrics, eval_ds.info, method.has_warp)
-    mctx = MetricContext(
-        data=eval_ds.info, device=device, cache_dir=Path(env.cache_dir),
-        backbones=BackboneSettings(weights_dir=cfg.train.weights_dir, seed=cfg.seed,
-                                   allow_untrained=cfg.eval.allow_untrained_backbones),
-        data_key=f"{cfg.dataset_label}|{cfg.dataset.eval_split}|{cfg.dataset.root}|"
-                 f"{sorted(cfg.dataset.options.items())}|n={min(cfg.eval.num_samples, len(eval_ds))}",
-        seed=cfg.seed)
-    metrics = {}
-    for name in (metric_names if shard.is_main else []):  # only rank 0 evaluates
-        mctx.options = cfg.eval.metric_options.get(name, {})
-        metrics.update(build_metrics([name], dataclasses.replace(mctx)))
+    metrics = build_trial_metrics(cfg, metric_names if shard.is_main else [], eval_ds, device, env)  # rank 0 evaluates
 
     # Params, tags and the resolved config, once (write-once params make this idempotent).
     params = cfg.identity()

@@ -326,3 +326,20 @@ def test_first_stage_cache_is_shared_between_trials(data, tmp_path):
     for (n, pa), pb in zip(a.first_stage.state_dict().items(), b.first_stage.state_dict().values()):
         assert torch.equal(pa, pb), n
     assert b.provenance["ldm.first_stage"].startswith("cache:")
+
+
+def test_cache_hit_or_miss_gives_the_same_trial(data, tmp_path):
+    """The same trial trained once with its first stage trained (cache miss) and once with it loaded
+    (cache hit) ends in the same state: the first stage draws from a stream of its own."""
+    info, batch = data
+
+    def run(cache_dir):
+        m = make(info, total_steps=5, ae_fraction=0.4, ae_cache_dir=str(cache_dir))
+        logs = [m.train_step(batch, step) for step in range(5)]
+        return m, logs
+
+    (miss, miss_logs), (hit, hit_logs) = run(tmp_path), run(tmp_path)
+    assert "ae_rec" in miss_logs[0] and hit_logs[0] == {"ae_cache_hit": 1.0}
+    assert miss_logs[2:] == hit_logs[2:]  # the joint phase: identical losses
+    for (n, a), b in zip(miss.state_dict().items(), hit.state_dict().values()):
+        assert torch.equal(a, b), n

@@ -150,3 +150,33 @@ def test_peak_memory_is_per_trial_even_in_a_reused_process():
     del big
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu)["peak_rss_mb"] < before - 128
+
+
+def test_building_backbones_leaves_the_random_streams_alone(env):
+    """Metric and loss backbones are cached per process. Building them -- the first time or from
+    the cache -- must not draw from the trial's streams, or a trial's training would depend on
+    which trials its (reused) worker process ran before."""
+    import dataclasses
+
+    from bench.metrics import lpips_metric
+    from bench.metrics.feature_cache import FeatureBank
+    from bench.trial import build_trial_metrics, make_dataset, rng_state
+    from methods.base import BackboneSettings
+    from methods.common import vgg
+
+    cfg = toy_trial()
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, allow_untrained_backbones=True))
+    eval_ds = make_dataset(cfg, "test")
+    names = ["fid_sources", "lpips_gt", "sem_consistency", "style_relevance"]
+
+    def streams():
+        s = rng_state()
+        return s["torch"].tolist(), s["numpy"], s["python"]
+
+    vgg._CACHE.clear(), lpips_metric._CACHE.clear(), FeatureBank._shared.clear()
+    for _ in range(2):  # cold caches, then warm ones
+        torch.manual_seed(3)
+        before = streams()
+        metrics = build_trial_metrics(cfg, names, eval_ds, torch.device("cpu"), env)
+        vgg.load_vgg19_features(BackboneSettings(allow_untrained=True, download=False, seed=5))
+        assert set(metrics) == set(names) and streams() == before

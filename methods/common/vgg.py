@@ -39,17 +39,18 @@ def load_vgg19_features(settings: BackboneSettings, purpose: str = "VGG19") -> T
     path = find_weights(VGG19_FILE, VGG19_URL, settings, purpose)
     key = (str(path), settings.seed)
     if key not in _CACHE:
-        # Only the convolutional stack: the classifier (120M parameters) is never used.
-        features = make_layers(cfgs["E"], batch_norm=False)
-        if path is None:
-            gen_state = torch.random.get_rng_state()
-            torch.manual_seed(settings.seed)  # seeded random init (torchvision's VGG init), labelled untrained
-            for m in features.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
-            torch.random.set_rng_state(gen_state)
-        else:
+        # Built from a stream of its own: the global one must not depend on whether an earlier
+        # trial in this process already built (and cached) the network.
+        with torch.random.fork_rng(devices=[]):
+            # Only the convolutional stack: the classifier (120M parameters) is never used.
+            features = make_layers(cfgs["E"], batch_norm=False)
+            if path is None:
+                torch.manual_seed(settings.seed)  # seeded random init (torchvision's VGG init), labelled untrained
+                for m in features.modules():
+                    if isinstance(m, nn.Conv2d):
+                        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                        nn.init.zeros_(m.bias)
+        if path is not None:
             state = torch.load(path, map_location="cpu", weights_only=True)
             features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
         features = features.eval()

@@ -38,6 +38,7 @@ from methods.registry import METHODS
 VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_2", "relu4_2", "relu5_2")  # CoCosNet's r12 .. r52
 SRC_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)  # official loss_feat weights
 # Official loss_context: 8 CX(r52) + 4 CX(r42) + 2 CX(avgpool2 r32) + 1 CX(avgpool4 r22).
+FIRST_STAGE_SEED_OFFSET = 7_919  # keeps the first stage's per-step seeds apart from the generators' below
 STYLE_TERMS = (("relu5_2", 8.0, 1), ("relu4_2", 4.0, 1), ("relu3_2", 2.0, 2), ("relu2_2", 1.0, 4))
 
 
@@ -397,6 +398,7 @@ class MIDMsMethod(ExemplarMethod):
                 if cached is not None:
                     self.first_stage.load_state_dict(cached["state_dict"])
                     self.ae_done.fill_(True)
+                    self.codebook_initialised.fill_(True)  # the trained stage's codebook
                     self.provenance["ldm.first_stage"] = f"cache:{self.ae_cache.path(key).name}"
         if bool(self.ae_done):
             # Cached stage: its steps pass, so phase boundaries stay those of an uncached trial.
@@ -404,13 +406,20 @@ class MIDMsMethod(ExemplarMethod):
             return {"ae_cache_hit": 1.0}
         images = batch["image"]
         self.first_stage.requires_grad_(True)
-        if ae_stage.is_vq(self.first_stage) and not bool(self.codebook_initialised):
-            ae_stage.init_codebook_from_data(self.first_stage, images)
-            self.codebook_initialised.fill_(True)
-        loss, logs = ae_stage.reconstruction_loss(self.first_stage, images)
-        self.opt_ae.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_ae.step()
+        # The stage's random numbers (codebook init, KL posterior samples) come from a stream of its
+        # own, seeded by (seed, step): the global stream the later phases draw from is then the same
+        # whether this stage was trained here or loaded from the cache, so a trial's result does not
+        # depend on which trial of a sweep filled the cache.
+        devices = [self.ctx.device.index or 0] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.ctx.seed * 1_000_003 + step + FIRST_STAGE_SEED_OFFSET)
+            if ae_stage.is_vq(self.first_stage) and not bool(self.codebook_initialised):
+                ae_stage.init_codebook_from_data(self.first_stage, images)
+                self.codebook_initialised.fill_(True)
+            loss, logs = ae_stage.reconstruction_loss(self.first_stage, images)
+            self.opt_ae.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_ae.step()
         self.first_stage.requires_grad_(False)
         if step == self.ae_steps - 1:
             self.ae_done.fill_(True)
