@@ -142,6 +142,7 @@ def test_sampled_laplacian_equals_whole_pyramid(monkeypatch, ratio, threads, int
     batch split over threads or not) is bit-identical to gathering from the whole pyramid, same
     draws -- borders included: some centres sit on the first and last valid rows and columns."""
     monkeypatch.setattr(tswd, "SPARSE_LAPLACIAN_MIN_RATIO", ratio)
+    monkeypatch.setattr(tswd, "PARALLEL_MIN_PIXELS", 0)
     x = torch.from_numpy(np.random.RandomState(8).randint(0, 256, (3, 3, 128, 96)).astype(np.uint8))
     if not integral:
         x = x.float() * 0.731 + 0.1

@@ -51,6 +51,8 @@ MIN_RESOLUTION = 16
 # A level is evaluated at the sampled pixels only when it has this many times more pixels than
 # the patches read (measured crossover on CPU; below it the whole-level ops are cheaper).
 SPARSE_LAPLACIAN_MIN_RATIO = 2
+# Below this many pixels per image the pyramid is built on one thread (measured: 64^2 slower with 2).
+PARALLEL_MIN_PIXELS = 128 * 128
 
 
 def level_resolutions(height: int) -> List[int]:
@@ -244,6 +246,8 @@ def laplacian_patch_descriptors(images: torch.Tensor, num_levels: int, rng: np.r
     for _ in range(num_levels):
         centres.append(_patch_centres(rng, per_image * n, h, w, half))
         h, w = (h + 1) // 2, (w + 1) // 2  # the size _pyr_down gives
+    if images.shape[-2] * images.shape[-1] < PARALLEL_MIN_PIXELS:
+        threads = 1  # small images: the threads' start-up and the final concatenation cost more
     bounds = np.linspace(0, n, min(max(1, threads), n) + 1).astype(int)
     slices = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -298,23 +302,35 @@ def finalize_descriptors(desc: Sequence[torch.Tensor]) -> torch.Tensor:
     return d.reshape(d.shape[0], -1)
 
 
-def _sort_rows_inplace(x: torch.Tensor, threads: int = 1) -> np.ndarray:
-    """Sort each row of a (directions, patches) projection matrix, in place on CPU.
+def _sorted_projections(d: torch.Tensor, sets: Sequence[torch.Tensor], threads: int = 1) -> List[np.ndarray]:
+    """Per set x, the (direction, patch) projections ``d @ x.T`` with every row sorted.
 
-    numpy's SIMD sort (x86-simd-sort) is ~20x faster than torch.sort on CPU and, on contiguous
-    rows, ~7x faster than the reference's column sort (measured, AVX-512). numpy releases the GIL
-    while sorting, so ``threads`` > 1 sorts blocks of rows concurrently.
+    The rows are sorted with numpy's SIMD sort (x86-simd-sort: ~20x faster than torch.sort on
+    CPU and, on contiguous rows, ~7x faster than the reference's column sort; measured, AVX-512).
+    With ``threads`` > 1, (set, block of directions) tasks -- a matmul into their rows, then the
+    sort of those rows -- run concurrently, torch single-threaded (numpy and torch release the
+    GIL): ~2x faster on 2 cores than a 2-thread matmul followed by split sorts, whose OpenMP
+    threads keep spinning and starve the sorting threads (measured).
     """
-    if x.device.type != "cpu":
-        return torch.sort(x, dim=1).values.cpu().numpy()
-    arr = x.numpy()
-    if threads <= 1 or arr.shape[0] < 2 * threads:
-        arr.sort(axis=1)
-        return arr
-    bounds = np.linspace(0, arr.shape[0], threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda lo_hi: arr[lo_hi[0]:lo_hi[1]].sort(axis=1), zip(bounds[:-1], bounds[1:])))
-    return arr
+    if d.device.type != "cpu":
+        return [torch.sort(d @ x.t(), dim=1).values.cpu().numpy() for x in sets]
+    outs = [torch.empty(d.shape[0], x.shape[0], dtype=torch.float32) for x in sets]
+    blocks = max(1, -(-threads // len(sets)))
+    bounds = np.linspace(0, d.shape[0], blocks + 1).astype(int)
+    jobs = [(out, x, lo, hi) for out, x in zip(outs, sets) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def run(job) -> None:
+        out, x, lo, hi = job
+        torch.mm(d[lo:hi], x.t(), out=out[lo:hi])
+        out[lo:hi].numpy().sort(axis=1)
+
+    if threads <= 1:
+        for job in jobs:
+            run(job)
+    else:
+        with single_threaded_torch(), ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, jobs))
+    return [out.numpy() for out in outs]
 
 
 @contextlib.contextmanager
@@ -352,15 +368,13 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, rng: np.random.RandomSt
     """Mean over ``repeats`` of the mean |sorted(a.dirs) - sorted(b.dirs)|; a, b: (M, D) equal shape.
 
     The repeats' directions are drawn up front in the reference's order (the same stream), then
-    each set's projections come from one matmul laid out (direction, patch), so every sort runs
-    along a contiguous row. Matmul and sorts use torch's current thread count.
+    each set's projections are laid out (direction, patch), so every sort runs along a contiguous
+    row. Matmuls and sorts use torch's current thread count.
     """
     if a.shape != b.shape:
         raise ValueError(f"SWD needs equally many patches in both sets, got {tuple(a.shape)} vs {tuple(b.shape)}")
-    threads = torch.get_num_threads()
     d = torch.from_numpy(draw_directions(rng, a.shape[1], repeats, dirs_per_repeat)).to(a.device)
-    pa = _sort_rows_inplace(d @ a.t(), threads)
-    pb = _sort_rows_inplace(d @ b.t(), threads)
+    pa, pb = _sorted_projections(d, (a, b), torch.get_num_threads())
     np.subtract(pa, pb, out=pa)
     np.abs(pa, out=pa)
     per_repeat = np.mean(pa.reshape(repeats, -1), axis=1, dtype=np.float64)
