@@ -53,23 +53,21 @@ def memory_child(size: int, train: bool, ckpt: bool = False) -> dict:
     fxs = [normalize_pono_c(torch.randn(1, feat, s, s)).requires_grad_(train) for s in sizes]
     fys = [normalize_pono_c(torch.randn(1, feat, s, s)).requires_grad_(train) for s in sizes]
     exemplar = torch.rand(1, 3, size, size) * 2 - 1
+    def timed_pass():
+        """One forward (and backward when training) pass; its wall and CPU seconds."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.set_grad_enabled(train):
+            res = net(fxs, fys, exemplar)
+            if train:
+                sum(r.warp.sum() for r in res).backward()
+        return time.perf_counter() - t0, time.process_time() - c0  # res is freed on return
+
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_before = _rss_kib()
-    t0, c0 = time.perf_counter(), time.process_time()
-    with torch.set_grad_enabled(train):
-        res = net(fxs, fys, exemplar)
-        if train:
-            sum(r.warp.sum() for r in res).backward()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = timed_pass()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    del res
     # a second, warm run for the time (first-call allocations and kernel selection excluded)
-    t1, c1 = time.perf_counter(), time.process_time()
-    with torch.set_grad_enabled(train):
-        res = net(fxs, fys, exemplar)
-        if train:
-            sum(r.warp.sum() for r in res).backward()
-    wall2, cpu2 = time.perf_counter() - t1, time.process_time() - c1
+    wall2, cpu2 = timed_pass()
     return {
         "size": size, "mode": ("train+ckpt" if ckpt else "train(fwd+bwd)") if train else "inference",
         "levels": sizes,
