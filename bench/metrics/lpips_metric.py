@@ -30,7 +30,7 @@ import torch
 
 from bench.metrics.base import METRICS, Metric, MetricContext, reference_image, to_uint8_hwc
 from methods.base import BackboneSettings
-from methods.common.weights import file_sha256, find_weights, provenance_of
+from methods.common.weights import file_sha256, find_weights, private_rng, provenance_of
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
@@ -58,15 +58,11 @@ def load_lpips(settings: BackboneSettings, device: torch.device) -> Tuple[torch.
     path = find_weights(ALEXNET_FILE, ALEXNET_URL, settings, "LPIPS (AlexNet trunk)")
     key = (str(path), settings.seed, str(device))
     if key not in _CACHE:
-        rng_state = torch.random.get_rng_state()
-        torch.manual_seed(settings.seed)  # the random trunk, when no weights: seeded
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                # lpips prints its setup and passes torchvision's deprecated ``pretrained=``
-                warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*")
-                lp = lpips.LPIPS(net="alex", version=LPIPS_VERSION, pnet_rand=True, verbose=False)
-        finally:
-            torch.random.set_rng_state(rng_state)
+        # the random trunk, when no weights: seeded
+        with private_rng(settings.seed), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # lpips prints its setup and passes torchvision's deprecated ``pretrained=``
+            warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*")
+            lp = lpips.LPIPS(net="alex", version=LPIPS_VERSION, pnet_rand=True, verbose=False)
         if path is not None:
             src = torch.load(path, map_location="cpu", weights_only=True)
             lp.net.load_state_dict(trunk_state(lp, src), strict=True)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from methods.base import BackboneSettings
-from methods.common.weights import find_weights, provenance_of
+from methods.common.weights import find_weights, private_rng, provenance_of
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
@@ -39,9 +39,7 @@ def load_vgg19_features(settings: BackboneSettings, purpose: str = "VGG19") -> T
     path = find_weights(VGG19_FILE, VGG19_URL, settings, purpose)
     key = (str(path), settings.seed)
     if key not in _CACHE:
-        # Built from a stream of its own: the global one must not depend on whether an earlier
-        # trial in this process already built (and cached) the network.
-        with torch.random.fork_rng(devices=[]):
+        with private_rng():  # cached per process: building must not move the global stream
             # Only the convolutional stack: the classifier (120M parameters) is never used.
             features = make_layers(cfgs["E"], batch_norm=False)
             if path is None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from methods.base import BackboneSettings
 from methods.common.vgg import VGGFeatures
-from methods.common.weights import find_weights, provenance_of
+from methods.common.weights import find_weights, private_rng, provenance_of
 
 CAFFE_FILE = "vgg19_conv.pth"
 # Shown in the missing-file message only (never fetched).
@@ -94,10 +94,8 @@ def load_caffe_vgg19(settings: BackboneSettings, layers: Sequence[str],
     path = find_weights(CAFFE_FILE, CAFFE_URL, dataclasses.replace(settings, download=False), purpose)
     key = (str(path), settings.seed, num_convs)
     if key not in _CACHE:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(settings.seed)  # seeded random init when untrained (labelled so)
-        net = CaffeVGG19(num_convs)
-        torch.random.set_rng_state(state)
+        with private_rng(settings.seed):  # seeded random init when untrained (labelled so)
+            net = CaffeVGG19(num_convs)
         if path is not None:
             weights = torch.load(path, map_location="cpu", weights_only=True)
             own = net.state_dict()

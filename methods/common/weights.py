@@ -9,11 +9,14 @@ network and records it as untrained. Weights are never faked silently.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import urllib.request
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Sequence
+
+import torch
 
 from methods.base import BackboneSettings
 
@@ -22,6 +25,18 @@ UNTRAINED_PREFIX = "untrained"
 
 class MissingWeightsError(FileNotFoundError):
     pass
+
+
+@contextlib.contextmanager
+def private_rng(seed: Optional[int] = None, devices: Sequence[int] = ()) -> Iterator[None]:
+    """Random draws inside (module construction, seeded random init) come from a stream of their
+    own, seeded with ``seed`` when given, and leave the global CPU stream (and the ``devices``'
+    CUDA streams) where they were: networks cached per process must not make a trial's numbers
+    depend on whether an earlier trial in the same process already built them."""
+    with torch.random.fork_rng(devices=list(devices)):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def hub_checkpoint_dir() -> Path:

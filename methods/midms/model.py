@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from methods.base import ExemplarMethod, MethodContext, MethodOutput, scaled
 from methods.common.contextual import contextual_loss
 from methods.common.vgg import VGGFeatures
+from methods.common.weights import private_rng
 from methods.midms import autoencoder_stage as ae_stage
 from methods.midms.components import (LatentDiffusionParts, build_first_stage, build_unet, load_pretrained_ldm,
                                       resolve_ldm_path, sampling_scheduler)
@@ -38,8 +39,8 @@ from methods.registry import METHODS
 VGG_LAYERS = ("relu1_2", "relu2_2", "relu3_2", "relu4_2", "relu5_2")  # CoCosNet's r12 .. r52
 SRC_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)  # official loss_feat weights
 # Official loss_context: 8 CX(r52) + 4 CX(r42) + 2 CX(avgpool2 r32) + 1 CX(avgpool4 r22).
-FIRST_STAGE_SEED_OFFSET = 7_919  # keeps the first stage's per-step seeds apart from the generators' below
 STYLE_TERMS = (("relu5_2", 8.0, 1), ("relu4_2", 4.0, 1), ("relu3_2", 2.0, 2), ("relu2_2", 1.0, 4))
+FIRST_STAGE_SEED_OFFSET = 7_919  # keeps the first stage's per-step seeds apart from the sampling generators'
 
 
 @dataclass
@@ -411,8 +412,7 @@ class MIDMsMethod(ExemplarMethod):
         # whether this stage was trained here or loaded from the cache, so a trial's result does not
         # depend on which trial of a sweep filled the cache.
         devices = [self.ctx.device.index or 0] if self.ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.ctx.seed * 1_000_003 + step + FIRST_STAGE_SEED_OFFSET)
+        with private_rng(self.ctx.seed * 1_000_003 + step + FIRST_STAGE_SEED_OFFSET, devices):
             if ae_stage.is_vq(self.first_stage) and not bool(self.codebook_initialised):
                 ae_stage.init_codebook_from_data(self.first_stage, images)
                 self.codebook_initialised.fill_(True)
