@@ -218,19 +218,29 @@ def recipe_keys(dataset: DatasetSpec) -> List[str]:
     return keys
 
 
+def _apply_recipes(options: Dict[str, Any], sections: Dict[str, Any], recipes: Dict[str, Dict[str, Any]],
+                   dataset: DatasetSpec, source: str, path, where: _Where) -> List[str]:
+    """Apply the recipes for ``dataset`` (name, then name-variant); returns "<source>:<key>" of each."""
+    applied = []
+    for key in recipe_keys(dataset):
+        if key in recipes:
+            _apply_overrides(options, sections, recipes[key], path + [key], where)
+            applied.append(f"{source}:{key}")
+    return applied
+
+
 def _check_recipes(spec: SweepSpec, where: _Where) -> None:
     """Recipe keys must name a registered dataset or dataset-variant (a typo would silently apply
     nothing); they need not match this sweep's datasets, since profiles swap datasets."""
     from datasets.registry import DATASETS
 
+    known = sorted({k for n in DATASETS.names() for v in DATASETS.get(n).variants
+                    for k in recipe_keys(DatasetSpec(name=n, variant=v))})
     for mi, m in enumerate(spec.methods):
         if m.recipe not in ("official", "none"):
             raise where(["methods", mi, "recipe"], f"must be 'official' or 'none', got {m.recipe!r}")
         for key in m.recipes:
-            name, _, variant = key.partition("-")
-            if name not in DATASETS or (variant and variant not in DATASETS.get(name).variants):
-                known = sorted(n + (f"-{v}" if v else "") for n in DATASETS.names()
-                               for v in ("",) + tuple(DATASETS.get(n).variants))
+            if key not in known:
                 raise where(["methods", mi, "recipes", key],
                             f"not a dataset or dataset-variant; recipe keys are one of {known}")
 
@@ -251,16 +261,9 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
             for d in datasets:
                 options: Dict[str, Any] = {}
                 sections = {s: dataclasses.asdict(getattr(spec, s)) for s in TRIAL_SECTIONS}
-                applied = []
-                for key in recipe_keys(d):
-                    if key in official:
-                        _apply_overrides(options, sections, official[key], [f"{m.name}.recipes", key], where)
-                        applied.append(f"official:{key}")
+                applied = _apply_recipes(options, sections, official, d, "official", [f"{m.name}.recipes"], where)
                 options.update(copy.deepcopy(m.options))
-                for key in recipe_keys(d):
-                    if key in m.recipes:
-                        _apply_overrides(options, sections, m.recipes[key], ["methods", mi, "recipes", key], where)
-                        applied.append(f"sweep:{key}")
+                applied += _apply_recipes(options, sections, m.recipes, d, "sweep", ["methods", mi, "recipes"], where)
                 _apply_overrides(options, sections, overrides or {}, vpath, where)
                 resolved = _typed_options(method_cls.Options, options,
                                           vpath if overrides else ["methods", mi, "options"], where,
