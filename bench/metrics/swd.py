@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -248,18 +248,15 @@ def laplacian_patch_descriptors(images: torch.Tensor, num_levels: int, rng: np.r
         h, w = (h + 1) // 2, (w + 1) // 2  # the size _pyr_down gives
     if images.shape[-2] * images.shape[-1] < PARALLEL_MIN_PIXELS:
         threads = 1  # small images: the threads' start-up and the final concatenation cost more
-    bounds = np.linspace(0, n, min(max(1, threads), n) + 1).astype(int)
-    slices = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def work(lo_hi) -> List[torch.Tensor]:
         lo, hi = lo_hi
         return _laplacian_patches(images[lo:hi], [(x[lo * per_image:hi * per_image], y[lo * per_image:hi * per_image])
                                                   for x, y in centres], nhood_size, per_image)
 
-    if len(slices) == 1:
-        return work(slices[0])
-    with ThreadPoolExecutor(len(slices)) as pool:
-        parts = list(pool.map(work, slices))
+    parts = _map_threads(work, _spans(n, threads), threads)
+    if len(parts) == 1:
+        return parts[0]
     return [torch.cat([p[k] for p in parts]) for k in range(num_levels)]
 
 
@@ -315,22 +312,32 @@ def _sorted_projections(d: torch.Tensor, sets: Sequence[torch.Tensor], threads: 
     if d.device.type != "cpu":
         return [torch.sort(d @ x.t(), dim=1).values.cpu().numpy() for x in sets]
     outs = [torch.empty(d.shape[0], x.shape[0], dtype=torch.float32) for x in sets]
-    blocks = max(1, -(-threads // len(sets)))
-    bounds = np.linspace(0, d.shape[0], blocks + 1).astype(int)
-    jobs = [(out, x, lo, hi) for out, x in zip(outs, sets) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    jobs = [(out, x, lo, hi) for out, x in zip(outs, sets)
+            for lo, hi in _spans(d.shape[0], max(1, -(-threads // len(sets))))]
 
     def run(job) -> None:
         out, x, lo, hi = job
         torch.mm(d[lo:hi], x.t(), out=out[lo:hi])
         out[lo:hi].numpy().sort(axis=1)
 
-    if threads <= 1:
-        for job in jobs:
-            run(job)
-    else:
-        with single_threaded_torch(), ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, jobs))
+    with single_threaded_torch() if threads > 1 else contextlib.nullcontext():
+        _map_threads(run, jobs, threads)
     return [out.numpy() for out in outs]
+
+
+def _spans(n: int, parts: int) -> List[Tuple[int, int]]:
+    """``range(n)`` cut into ``min(parts, n)`` contiguous, near-equal (lo, hi) spans."""
+    bounds = np.linspace(0, n, max(1, min(parts, n)) + 1).astype(int)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _map_threads(fn, jobs: Sequence, threads: int) -> list:
+    """``[fn(job) for job in jobs]`` on up to ``threads`` threads (in this one when 1): the jobs
+    release the GIL in torch and numpy kernels."""
+    if threads <= 1 or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+        return list(pool.map(fn, jobs))
 
 
 @contextlib.contextmanager
