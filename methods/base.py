@@ -33,14 +33,23 @@ class MethodContext:
     data: DataInfo
     resolution: int
     width: float  # channel-width multiplier; 1.0 = the paper's widths
-    lr_g: float = 1e-4
-    lr_d: float = 4e-4
-    beta1: float = 0.0
-    beta2: float = 0.999
+    # Optimiser settings from the sweep; None = the method's official value (``official_optim``).
+    lr_g: Optional[float] = None
+    lr_d: Optional[float] = None
+    beta1: Optional[float] = None
+    beta2: Optional[float] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backbones: BackboneSettings = field(default_factory=BackboneSettings)
     seed: int = 0
     total_steps: int = 1  # for methods with phases (warm-up) or schedules
+
+    def official_optim(self, **official: float) -> Dict[str, float]:
+        """The optimiser settings to use: the sweep's where it set them, else the method's official
+        ones (keys lr_g, lr_d, beta1, beta2)."""
+        return {k: (getattr(self, k) if getattr(self, k, None) is not None else v) for k, v in official.items()}
+    # False for evaluation-only trials (train.steps: 0, e.g. released weights): the method builds
+    # no optimisers and no training-only networks (loss backbones, discriminators).
+    training: bool = True
 
 
 @dataclass
@@ -68,6 +77,9 @@ class ExemplarMethod(nn.Module):
     # sets), keyed by dataset name or name-variant; applied by sweeps with ``recipe: official``.
     # Kept in ``methods/<name>/recipes.py``.
     recipes: Dict[str, Dict[str, Any]] = {}
+    # State-dict prefixes that pretrained checkpoints never hold: frozen backbones the method loads
+    # itself (loss VGGs), so ``load_pretrained`` neither expects nor accepts them.
+    pretrained_exclude: tuple = ()
 
     def __init__(self, options: Any, ctx: MethodContext):
         super().__init__()
@@ -76,6 +88,9 @@ class ExemplarMethod(nn.Module):
         # Provenance of every pretrained or random-init backbone: name -> "sha256:<hex>" or
         # "untrained(seed=N)". The harness logs it as run tags.
         self.provenance: Dict[str, str] = {}
+        # Resolved settings worth recording that are not options (e.g. the optimiser's learning rates
+        # and betas after ``ctx.official_optim``); the harness logs them as params ``resolved.*``.
+        self.resolved: Dict[str, Any] = {}
 
     def train_step(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
         """One optimisation step (all of the method's networks); returns scalar losses by name."""
@@ -99,6 +114,27 @@ class ExemplarMethod(nn.Module):
         self.load_state_dict(state["model"])
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
+
+    def load_pretrained(self, state: Dict[str, torch.Tensor], what: str = "checkpoint") -> Dict[str, str]:
+        """Load networks' weights (``init_from``): every key must be one of ours with our shape; a
+        network the checkpoint has must be complete; a network it lacks entirely (e.g. the
+        discriminator of a test-only release) keeps its initialisation. Returns {network: "loaded" |
+        "kept initialisation"}; raises ``ValueError`` listing every problem at once."""
+        from methods.common.convert import format_key_problems
+
+        ours = {k: v for k, v in self.state_dict().items() if not k.startswith(self.pretrained_exclude)}
+        top = lambda k: k.split(".", 1)[0]  # noqa: E731
+        given = {top(k) for k in state}
+        unexpected = [k for k in state if k not in ours]
+        shapes = [f"{k}: {tuple(state[k].shape)} vs ours {tuple(ours[k].shape)}"
+                  for k in state if k in ours and tuple(state[k].shape) != tuple(ours[k].shape)]
+        missing = [k for k in ours if top(k) in given and k not in state]
+        if unexpected or shapes or missing:
+            raise ValueError(format_key_problems(f"{type(self).__name__}: {what} does not fit", missing,
+                                                 unexpected, shapes))
+        self.load_state_dict(state, strict=False)
+        return {name: ("loaded" if name in given else "kept initialisation")
+                for name in sorted({top(k) for k in ours})}
 
 
 def options_dict(options: Any) -> Dict[str, Any]:

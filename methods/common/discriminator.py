@@ -13,16 +13,18 @@ class NLayerDiscriminator(nn.Module):
     """PatchGAN with ``n_layers`` strided convs; returns every intermediate feature map (for feature
     matching) with the patch logits last."""
 
-    def __init__(self, in_nc: int, ndf: int = 64, n_layers: int = 4):
+    def __init__(self, in_nc: int, ndf: int = 64, n_layers: int = 4, padding: int = 2):
         super().__init__()
-        kw, pad = 4, 2
+        # padding: 2 in SPADE (padw = ceil((4 - 1) / 2)), 1 in CoCosNet and CoCosNet v2.
+        kw, pad = 4, padding
         layers = [nn.Sequential(nn.Conv2d(in_nc, ndf, kw, 2, pad), nn.LeakyReLU(0.2))]
         nf = ndf
         for n in range(1, n_layers):
             prev, nf = nf, min(nf * 2, 8 * ndf)
             stride = 1 if n == n_layers - 1 else 2
             layers.append(nn.Sequential(
-                spectral_norm(nn.Conv2d(prev, nf, kw, stride, pad)),
+                # no bias: the affine-free instance norm cancels it (official get_nonspade_norm_layer drops it)
+                spectral_norm(nn.Conv2d(prev, nf, kw, stride, pad, bias=False)),
                 nn.InstanceNorm2d(nf, affine=False), nn.LeakyReLU(0.2)))
         layers.append(nn.Sequential(nn.Conv2d(nf, 1, kw, 1, pad)))
         self.layers = nn.ModuleList(layers)
@@ -38,9 +40,9 @@ class NLayerDiscriminator(nn.Module):
 class MultiscaleDiscriminator(nn.Module):
     """``num_d`` PatchGANs on the input downsampled by 1, 2, 4 ..."""
 
-    def __init__(self, in_nc: int, ndf: int = 64, n_layers: int = 4, num_d: int = 2):
+    def __init__(self, in_nc: int, ndf: int = 64, n_layers: int = 4, num_d: int = 2, padding: int = 2):
         super().__init__()
-        self.nets = nn.ModuleList([NLayerDiscriminator(in_nc, ndf, n_layers) for _ in range(num_d)])
+        self.nets = nn.ModuleList([NLayerDiscriminator(in_nc, ndf, n_layers, padding) for _ in range(num_d)])
 
     def forward(self, x: torch.Tensor) -> List[List[torch.Tensor]]:
         out = []

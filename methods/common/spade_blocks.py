@@ -14,7 +14,9 @@ from torch.nn.utils import spectral_norm
 
 
 class PositionalNorm2d(nn.Module):
-    """Normalise each pixel across channels (Li et al., "Positional Normalization")."""
+    """Normalise each pixel across channels (Li et al., "Positional Normalization"), as the official
+    ``PositionalNorm2d``: the *unbiased* variance across channels (``x.var(dim=1)``) plus ``eps``
+    (1e-5 in CoCosNet and MIDMs, 1e-8 in CoCosNet v2)."""
 
     def __init__(self, eps: float = 1e-5):
         super().__init__()
@@ -22,17 +24,17 @@ class PositionalNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=1, keepdim=True)
-        std = (x.var(dim=1, keepdim=True, unbiased=False) + self.eps).sqrt()
+        std = (x.var(dim=1, keepdim=True) + self.eps).sqrt()
         return (x - mean) / std
 
 
-def param_free_norm(kind: str, channels: int) -> nn.Module:
+def param_free_norm(kind: str, channels: int, pono_eps: float = 1e-5) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels, affine=False)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=False)
     if kind == "positional":
-        return PositionalNorm2d()
+        return PositionalNorm2d(pono_eps)
     raise ValueError(f"unknown parameter-free norm {kind!r}; choose batch, instance or positional")
 
 
@@ -58,9 +60,9 @@ class SPADE(nn.Module):
     """Spatially-adaptive denormalisation: norm(x) * (1 + gamma(seg)) + beta(seg)."""
 
     def __init__(self, norm_nc: int, label_nc: int, hidden: int = 128, norm: str = "batch", kernel: int = 3,
-                 padding: str = "zeros"):
+                 padding: str = "zeros", pono_eps: float = 1e-5):
         super().__init__()
-        self.norm = param_free_norm(norm, norm_nc)
+        self.norm = param_free_norm(norm, norm_nc, pono_eps)
         conv = lambda cin, cout: PaddedConv2d(cin, cout, kernel, padding)  # noqa: E731
         self.shared = nn.Sequential(conv(label_nc, hidden), nn.ReLU())
         self.gamma = conv(hidden, norm_nc)
@@ -80,18 +82,18 @@ class SPADEResBlock(nn.Module):
     """
 
     def __init__(self, fin: int, fout: int, label_nc: int, hidden: int = 128, norm: str = "batch",
-                 use_spectral: bool = True, padding: str = "zeros"):
+                 use_spectral: bool = True, padding: str = "zeros", pono_eps: float = 1e-5):
         super().__init__()
         fmid = min(fin, fout)
         self.learned_shortcut = fin != fout
         sn = spectral_norm if use_spectral else (lambda m: m)
         self.conv_0 = sn(PaddedConv2d(fin, fmid, 3, padding))
         self.conv_1 = sn(PaddedConv2d(fmid, fout, 3, padding))
-        self.norm_0 = SPADE(fin, label_nc, hidden, norm, padding=padding)
-        self.norm_1 = SPADE(fmid, label_nc, hidden, norm, padding=padding)
+        self.norm_0 = SPADE(fin, label_nc, hidden, norm, padding=padding, pono_eps=pono_eps)
+        self.norm_1 = SPADE(fmid, label_nc, hidden, norm, padding=padding, pono_eps=pono_eps)
         if self.learned_shortcut:
             self.conv_s = sn(nn.Conv2d(fin, fout, 1, bias=False))
-            self.norm_s = SPADE(fin, label_nc, hidden, norm, padding=padding)
+            self.norm_s = SPADE(fin, label_nc, hidden, norm, padding=padding, pono_eps=pono_eps)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         xs = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
