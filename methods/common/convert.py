@@ -156,6 +156,26 @@ def meta_state_dict(manifest: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def build_converted(method_cls, converted: "Converted", training: bool = False, device="meta", **ctx_overrides):
+    """Our method built from a converter's resolved options and context -- on the meta device by
+    default, so a full-width network costs no memory (checking a converter against a manifest).
+    ``training=True`` also builds the training-only networks (discriminators); loss backbones are
+    then random-init (``allow_untrained``), which on the meta device allocates nothing."""
+    from methods.base import BackboneSettings, MethodContext
+    from datasets.base import DataInfo
+
+    c = converted.context
+    data = DataInfo(name=c.get("dataset", "official"), variant=c.get("variant") or "default", split="test", size=0,
+                    resolution=int(c["resolution"]), cond_channels=int(c["cond_channels"]),
+                    num_classes=c.get("num_classes"))
+    options = method_cls.Options(**converted.options) if method_cls.Options else None
+    ctx = MethodContext(data=data, resolution=int(c["resolution"]), width=1.0, device=torch.device(device),
+                        backbones=BackboneSettings(allow_untrained=True, download=False), training=training,
+                        total_steps=1 if training else 0, **ctx_overrides)
+    with torch.device(device):
+        return method_cls(options, ctx)
+
+
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -174,5 +194,5 @@ def rename(state: Mapping[str, torch.Tensor], rules: Sequence[Tuple[str, str]]) 
     return out
 
 
-__all__ = ["CHECKPOINT_FORMAT", "ConversionError", "Converted", "Release", "add_prefix", "check_state_dict",
+__all__ = ["CHECKPOINT_FORMAT", "ConversionError", "Converted", "Release", "add_prefix", "build_converted", "check_state_dict",
            "format_key_problems", "load_official_file", "meta_state_dict", "parse_opt_txt", "rename", "strip_prefix"]
