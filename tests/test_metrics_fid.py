@@ -194,7 +194,9 @@ def test_real_features_cached_across_trials(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="bench.metrics.feature_cache")
     second = F.KIDSources(_ctx(tmp_path, n=4))
     _feed(second, gt[::-1].copy(), out[::-1].copy(), gt, bs=3)  # other order and batching
-    assert second.compute()["kid_sources"] == pytest.approx(v1, rel=1e-5)  # float32 sums, other order
+    # Float32 Inception features of other batch sizes and float32 sums in another order: the KID of
+    # 4 samples (a difference of small kernel means) agrees to ~1e-5 relative, not bit for bit.
+    assert second.compute()["kid_sources"] == pytest.approx(v1, rel=1e-4)
     assert sum(calls) == 4  # only the outputs
     assert any("reused 4 cached rows" in r.getMessage() for r in caplog.records)
     assert any("4 cached rows found" in r.getMessage() for r in caplog.records)
