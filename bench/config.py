@@ -27,10 +27,13 @@ class ConfigError(ValueError):
 class TrainConfig:
     steps: int = 200  # optimisation steps per trial (each method's train_step is one step)
     batch_size: int = 4
-    lr_g: float = 1.0e-4  # generator learning rate (SPADE/CoCosNet TTUR: G 1e-4 ...)
-    lr_d: float = 4.0e-4  # ... D 4e-4
-    beta1: float = 0.0  # Adam betas; (0, 0.999) for CoCosNet, (0, 0.9) for SPADE
-    beta2: float = 0.9
+    # Optimiser settings; null (the default) = each method's official value, e.g. SPADE/CoCosNet
+    # Adam TTUR G 1e-4, D 4e-4, betas (0, 0.9); CoCosNet v2 G 5e-5, D 2e-4; MIDMs AdamW 3e-6,
+    # betas (0.9, 0.999). The values a trial used are its params resolved.*.
+    lr_g: Optional[float] = None  # generator (and correspondence network) learning rate
+    lr_d: Optional[float] = None  # discriminator learning rate
+    beta1: Optional[float] = None
+    beta2: Optional[float] = None
     checkpoint_every: int = 100  # steps between checkpoints reported to Ray Tune (0: only at the end)
     log_every: int = 10  # steps between loss logs to MLflow and progress lines
     num_workers: int = 0  # DataLoader worker processes (0: load in the trial process)
@@ -84,9 +87,18 @@ class MethodEntry:
     # lambda_warp_self 100); ``none``: the method's defaults on every dataset.
     recipe: str = "official"
     # This sweep's own per-dataset overrides, keyed by dataset name (``celebahq``) or name-variant
-    # (``celebahq-edge``), written like variants (bare keys: method options; dotted: train./eval./scale.).
+    # (``celebahq-edge``), written like variants (bare keys: method options; dotted: train./eval./scale.,
+    # and dataset.options.<key> for the dataset's own options, e.g. its training-exemplar policy).
     # Order of application, later wins: method defaults < official recipe < options < recipes < variant.
     recipes: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Run this method only on these datasets (names or name-variants); None: every dataset of the sweep.
+    datasets: Optional[List[str]] = None
+    # Start from these weights instead of the method's initialisation: a checkpoint file (a released
+    # official checkpoint converted with ``python -m bench.convert``, or a trial's checkpoint.pt), an
+    # MLflow run id (its logged checkpoint), or a mapping {dataset or dataset-variant: one of those}.
+    # Relative paths are looked up in the sweep's ``checkpoints_dir``. With train.steps: 0 the trial
+    # only evaluates the loaded weights.
+    init_from: Union[None, str, Dict[str, str]] = None
 
 
 @dataclass
@@ -102,9 +114,12 @@ class SweepSpec:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # name -> overrides (dotted keys or whole sections), selected with --profile
     profiles: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Where relative ``init_from`` paths of the methods are looked up (default: the current directory).
+    checkpoints_dir: Optional[str] = None
 
 
 TRIAL_SECTIONS = ("train", "eval", "scale")
+DATASET_OPTIONS_PREFIX = "dataset.options."  # recipe/variant keys that set the trial's dataset options
 
 
 # ---- strict construction of dataclasses from plain data ---------------------------------------

@@ -72,10 +72,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         for t in trials:
             print(f"{t.name}  key={t.key}  steps={t.train.steps} res={t.scale.resolution} "
                   f"width={t.scale.width} cpu={t.resources.cpu} gpu={t.resources.gpu}"
-                  + (f" recipe={t.recipe}" if t.recipe else ""))
+                  + (f" recipe={t.recipe}" if t.recipe else "") + (f" init_from={t.init_from}" if t.init_from else ""))
         print(f"{len(trials)} trials")
         return 0
+    from bench.init_from import init_from_problems
     from bench.runner import RunOptions, run_sweep
+    from bench.tracking import default_tracking_uri
+
+    problems = init_from_problems(trials, args.tracking_uri or default_tracking_uri(Path(args.workdir)))
+    if problems:
+        print("error: trials cannot start:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
 
     extra = {"bench.profile": args.profile or "", "bench.overrides": " ".join(args.overrides)}
     opts = RunOptions(workdir=Path(args.workdir), tracking_uri=args.tracking_uri, address=args.address,

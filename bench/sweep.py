@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from bench.config import (TRIAL_SECTIONS, ConfigError, EvalConfig, MethodEntry, ResourcesConfig,
-                          ScaleConfig, SweepSpec, TrainConfig, _Where, build, parse_override,
+from bench.config import (DATASET_OPTIONS_PREFIX, TRIAL_SECTIONS, ConfigError, EvalConfig, MethodEntry,
+                          ResourcesConfig, ScaleConfig, SweepSpec, TrainConfig, _Where, build, parse_override,
                           set_dotted)
 from datasets.base import DatasetSpec
 
@@ -41,6 +41,8 @@ class TrialConfig:
     # Which per-dataset recipes shaped the options, e.g. "official:celebahq-edge" (descriptive: the
     # resolved options above are what identify the trial).
     recipe: str = ""
+    # Weights the trial starts from: an absolute checkpoint path or "run:<MLflow run id>" ("": none).
+    init_from: str = ""
 
     @property
     def dataset_label(self) -> str:
@@ -62,6 +64,8 @@ class TrialConfig:
                 ident[section].pop(k, None)
         if self.resources.workers > 1:  # data parallelism changes the effective batch
             ident["workers"] = self.resources.workers
+        if self.init_from:
+            ident["init_from"] = self.init_from
         return ident
 
     @property
@@ -80,6 +84,7 @@ class TrialConfig:
             dataset=DatasetSpec(**d["dataset"]), seed=d["seed"], train=TrainConfig(**d["train"]),
             eval=EvalConfig(**d["eval"]), scale=ScaleConfig(**d["scale"]),
             resources=ResourcesConfig(**d["resources"]), recipe=d.get("recipe", ""),
+            init_from=d.get("init_from", ""),
         )
 
 
@@ -199,12 +204,17 @@ def _validate(spec: SweepSpec, where: _Where) -> None:
 
 def _apply_overrides(options: Dict[str, Any], sections: Dict[str, Any], overrides: Dict[str, Any], path,
                      where: _Where) -> None:
-    """Apply a variant's or recipe's overrides: bare keys to method options, dotted keys to trial sections."""
+    """Apply a variant's or recipe's overrides: bare keys to method options, dotted keys to trial
+    sections, ``dataset.options.<key>`` to the trial's dataset options (``sections["dataset_options"]``)."""
     for key, value in (overrides or {}).items():
-        parts = str(key).split(".")
-        if len(parts) > 1:
+        key = str(key)
+        parts = key.split(".")
+        if key.startswith(DATASET_OPTIONS_PREFIX) and len(parts) == 3:
+            sections.setdefault("dataset_options", {})[parts[2]] = copy.deepcopy(value)
+        elif len(parts) > 1:
             if parts[0] not in TRIAL_SECTIONS:
-                raise where(path + [key], f"dotted keys must start with one of {list(TRIAL_SECTIONS)}")
+                raise where(path + [key], f"dotted keys must start with one of {list(TRIAL_SECTIONS)} "
+                                          f"or be {DATASET_OPTIONS_PREFIX}<key>")
             set_dotted(sections, parts, copy.deepcopy(value), f"{where.file}: {'.'.join(map(str, path + [key]))}")
         else:
             options[key] = copy.deepcopy(value)
@@ -256,15 +266,20 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
     for mi, m in enumerate(spec.methods):
         method_cls = METHODS.get(m.name)
         official = getattr(method_cls, "recipes", {}) if m.recipe == "official" else {}
+        method_datasets = [d for d in datasets if m.datasets is None or set(recipe_keys(d)) & set(m.datasets)]
+        if not method_datasets:
+            raise where(["methods", mi, "datasets"], f"method {m.name!r} runs on none of this sweep's datasets "
+                        f"({', '.join(recipe_keys(d)[-1] for d in datasets)})")
         for variant, overrides in m.variants.items():
             vpath = ["methods", mi, "variants", variant]
-            for d in datasets:
+            for d0 in method_datasets:
                 options: Dict[str, Any] = {}
                 sections = {s: dataclasses.asdict(getattr(spec, s)) for s in TRIAL_SECTIONS}
-                applied = _apply_recipes(options, sections, official, d, "official", [f"{m.name}.recipes"], where)
+                applied = _apply_recipes(options, sections, official, d0, "official", [f"{m.name}.recipes"], where)
                 options.update(copy.deepcopy(m.options))
-                applied += _apply_recipes(options, sections, m.recipes, d, "sweep", ["methods", mi, "recipes"], where)
+                applied += _apply_recipes(options, sections, m.recipes, d0, "sweep", ["methods", mi, "recipes"], where)
                 _apply_overrides(options, sections, overrides or {}, vpath, where)
+                d = _with_dataset_options(d0, sections.pop("dataset_options", {}), vpath, where)
                 resolved = _typed_options(method_cls.Options, options,
                                           vpath if overrides else ["methods", mi, "options"], where,
                                           f"method {m.name!r}" + (f" ({', '.join(applied)})" if applied else ""))
@@ -273,17 +288,53 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
                 scale = build(ScaleConfig, sections["scale"], vpath, where)
                 if d.resolution:
                     scale = dataclasses.replace(scale, resolution=d.resolution)
+                init_from = _init_from(m, d, spec.checkpoints_dir, ["methods", mi, "init_from"], where)
                 for seed in spec.seeds:
                     trials.append(TrialConfig(
                         sweep=spec.name, method=m.name, variant=variant,
                         method_options=dataclasses.asdict(resolved) if resolved is not None else {},
                         dataset=d, seed=int(seed), train=train, eval=evalc, scale=scale,
-                        resources=spec.resources, recipe="+".join(applied)))
+                        resources=spec.resources, recipe="+".join(applied), init_from=init_from))
     names = [t.name for t in trials]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise where(["methods"], f"trials with the same name: {dupes} (give variants/datasets distinct names)")
     return trials
+
+
+def _with_dataset_options(d: DatasetSpec, extra: Dict[str, Any], path, where: _Where) -> DatasetSpec:
+    """The dataset with recipe/variant ``dataset.options.*`` settings applied (re-checked strictly)."""
+    if not extra:
+        return d
+    return _resolved_dataset(dataclasses.replace(d, options={**d.options, **extra}), path, where)
+
+
+RUN_ID_PREFIX = "run:"
+
+
+def _init_from(m: MethodEntry, d: DatasetSpec, checkpoints_dir: Optional[str], path, where: _Where) -> str:
+    """The resolved ``init_from`` of method ``m`` on dataset ``d``: an absolute path, "run:<id>" or ""."""
+    spec = m.init_from
+    if isinstance(spec, dict):
+        keys = [k for k in reversed(recipe_keys(d)) if k in spec]  # name-variant before name
+        if not keys:
+            raise where(path, f"no entry for dataset {recipe_keys(d)[-1]!r} (entries: {', '.join(spec)}); add one "
+                              f"or restrict the method with datasets: [...]")
+        spec = spec[keys[0]]
+    if not spec:
+        return ""
+    spec = str(spec).strip()
+    if spec.startswith(RUN_ID_PREFIX) or is_run_id(spec):
+        return RUN_ID_PREFIX + spec[len(RUN_ID_PREFIX):] if spec.startswith(RUN_ID_PREFIX) else RUN_ID_PREFIX + spec
+    p = Path(spec).expanduser()
+    if not p.is_absolute():
+        p = Path(checkpoints_dir or ".").expanduser() / p
+    return str(p.resolve())
+
+
+def is_run_id(text: str) -> bool:
+    """An MLflow run id: 32 lowercase hex digits."""
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def _typed_options(options_cls, values, path, where: _Where, what: str):

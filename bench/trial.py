@@ -28,6 +28,7 @@ import yaml
 from bench.distributed import Shard, average_gradients_before_step, broadcast_state
 from bench.evaluate import build_metrics, evaluate, select_metrics
 from bench.grid import grid_rows, save_grid
+from bench.init_from import apply_init_from, load_init_from
 from bench.metrics.base import MetricContext
 from bench.sweep import TrialConfig
 from bench.tracking import TrialRun
@@ -161,13 +162,12 @@ def lr_multiplier(cfg: TrialConfig) -> float:
 def build_method(cfg: TrialConfig, data_info, device: torch.device) -> ExemplarMethod:
     cls = METHODS.get(cfg.method)
     options = cls.Options(**cfg.method_options) if cls.Options else None
-    lr = lr_multiplier(cfg)
     ctx = MethodContext(
-        data=data_info, resolution=cfg.scale.resolution, width=cfg.scale.width, lr_g=cfg.train.lr_g * lr,
-        lr_d=cfg.train.lr_d * lr, beta1=cfg.train.beta1, beta2=cfg.train.beta2, device=device,
+        data=data_info, resolution=cfg.scale.resolution, width=cfg.scale.width, lr_g=cfg.train.lr_g,
+        lr_d=cfg.train.lr_d, beta1=cfg.train.beta1, beta2=cfg.train.beta2, lr_scale=lr_multiplier(cfg), device=device,
         backbones=BackboneSettings(weights_dir=cfg.train.weights_dir, seed=cfg.seed,
                                    allow_untrained=cfg.train.allow_untrained_backbones),
-        seed=cfg.seed, total_steps=cfg.train.steps)
+        seed=cfg.seed, total_steps=cfg.train.steps, training=cfg.train.steps > 0)
     return cls(options, ctx)
 
 
@@ -309,6 +309,11 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
     train_ds = make_dataset(cfg, cfg.dataset.train_split)
     eval_ds = make_dataset(cfg, cfg.dataset.eval_split)
     method = build_method(cfg, train_ds.info, device)
+    init_tags = {}
+    if cfg.init_from:  # before the data-parallel broadcast, so every worker starts from these weights
+        init_tags = apply_init_from(method, load_init_from(cfg.init_from, cfg.method, env.tracking_uri), cfg.init_from)
+        line(f"[{cfg.name}] weights from {init_tags.get('bench.init_from.origin', cfg.init_from)}: "
+             f"{init_tags['bench.init_from.networks']}")
     if shard.world > 1:
         broadcast_state(method)
         average_gradients_before_step(method, shard.world)
@@ -321,6 +326,8 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
     params["data"] = {"train": train_ds.info.params, "eval": eval_ds.info.params,
                       "train_size": len(train_ds), "eval_size": min(cfg.eval.num_samples, len(eval_ds))}
     params["metrics_selected"] = ",".join(metric_names)
+    if method.resolved:
+        params["resolved"] = dict(method.resolved)
     params["parallel"] = {"workers": shard.world, "batch_per_worker": cfg.train.batch_size,
                           "effective_batch_size": cfg.train.batch_size * shard.world,
                           "lr_scaling": cfg.train.lr_scaling, "lr_multiplier": lr_multiplier(cfg)}
@@ -331,7 +338,9 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
     untrained = sorted(k.split("bench.weights.", 1)[1] for k, v in provenance.items() if is_untrained(v))
     tags = {"bench.trial_config_hash": cfg.key, "bench.device": str(device),
             "bench.untrained_backbones": ",".join(untrained) if untrained else "none",
-            **{f"bench.version.{k}": v for k, v in versions().items()}, **provenance}
+            **{f"bench.version.{k}": v for k, v in versions().items()}, **provenance, **init_tags}
+    if cfg.train.steps == 0:
+        tags["bench.eval_only"] = "true"
     if skipped_metrics:
         tags["bench.metrics_unsupported"] = "; ".join(f"{k}: {v}" for k, v in skipped_metrics.items())
     use_amp = cfg.train.amp and device.type == "cuda"
@@ -414,9 +423,10 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
     with tempfile.TemporaryDirectory() as d:
         if grid is not None:
             run.log_artifact(save_grid(grid_rows(*grid), Path(d) / "samples" / "grid.png"), "samples")
-        ckpt = Path(d) / "checkpoint.pt"
-        _save_state(ckpt, method, steps)
-        run.log_artifact(ckpt, "checkpoints")
+        if steps > 0:  # an evaluation-only trial's weights are its init_from checkpoint (tagged)
+            ckpt = Path(d) / "checkpoint.pt"
+            _save_state(ckpt, method, steps)
+            run.log_artifact(ckpt, "checkpoints")
     run.finish("FINISHED")
     elapsed = time.time() - t_start
     reporter.report({"status": "FINISHED", "step": steps, "steps": steps, "wall_s": elapsed,

@@ -40,7 +40,7 @@ class ToyMethod(ExemplarMethod):
         self.net = nn.Sequential(nn.Conv2d(c, options.width, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(options.width, 3, 3, padding=1))
         self.to(ctx.device)
-        self.opt = torch.optim.Adam(self.parameters(), lr=ctx.lr_g * 10)
+        self.opt = torch.optim.Adam(self.parameters(), lr=ctx.official_optim(lr_g=1e-4)["lr_g"] * 10)
 
     def optimizers(self):
         return {"g": self.opt}
