@@ -4,6 +4,8 @@
     python -m bench.convert cocosnet_v2 checkpoints/deepfashionHD --out ckpt/cocosnet_v2-deepfashionHD.pt
     python -m bench.convert spade checkpoints/ade20k_pretrained/latest_net_G.pth --release ade20k_pretrained --out s.pt
     python -m bench.convert --list                      # every method's releases and the files each needs
+    python -m bench.convert --all CKPT                  # every release found as CKPT/<method>/<release>/
+                                                        # -> CKPT/converted/<method>-<release>.pt
 
 PATH is the release folder as the official README lays it out (``latest_net_G.pth``,
 ``latest_net_Corr.pth``, ..., and ``opt.txt`` when present) or the files themselves. The options
@@ -174,6 +176,31 @@ def list_releases() -> List[str]:
     return lines
 
 
+def convert_all(root: Path, out_dir: Optional[Path] = None, log=print) -> List[Path]:
+    """Convert every release found as ``root/<method>/<release>/`` to ``out_dir/<method>-<release>.pt``
+    (default ``root/converted``); the names ``sweeps/official_checkpoints.yaml`` expects."""
+    import methods  # noqa: F401
+    from methods.registry import METHODS
+
+    out_dir = Path(out_dir) if out_dir else Path(root) / "converted"
+    written = []
+    for name in METHODS.names():
+        try:
+            module = converter(name)
+        except ConversionError:
+            continue
+        for rel in module.RELEASES:
+            folder = Path(root) / name / rel
+            if not folder.is_dir():
+                log(f"skip {name} {rel}: no folder {folder}")
+                continue
+            converted, source = convert_release(name, [folder], rel)
+            out = write_checkpoint(out_dir / f"{name}-{rel}.pt", name, converted, source)
+            log(f"wrote {out}")
+            written.append(out)
+    return written
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,10 +210,21 @@ def main(argv=None) -> int:
     ap.add_argument("--release", help="which release (default: from opt.txt, or the method's only one)")
     ap.add_argument("--opt", type=Path, help="an opt.txt to read the options from")
     ap.add_argument("--list", action="store_true", help="list every method's releases and exit")
+    ap.add_argument("--all", type=Path, metavar="ROOT", help="convert every ROOT/<method>/<release>/ folder to "
+                    "ROOT/converted/<method>-<release>.pt (or --out-dir)")
+    ap.add_argument("--out-dir", type=Path, help="with --all: where the converted files go")
     args = ap.parse_args(argv)
     if args.list:
         print("\n".join(list_releases()))
         return 0
+    if args.all:
+        try:
+            written = convert_all(args.all, args.out_dir)
+        except (ConversionError, FileNotFoundError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{len(written)} releases converted")
+        return 0 if written else 2
     if not args.method or not args.paths or not args.out:
         ap.error("give METHOD PATH... --out FILE (or --list)")
     try:

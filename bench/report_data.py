@@ -256,6 +256,7 @@ def add_columns(df: pd.DataFrame) -> pd.DataFrame:
     df["seed"] = pd.to_numeric(tag(df, "bench.seed").fillna(df.get("params.seed")), errors="coerce")
     df["row"] = df["method"].astype(str) + "/" + df["variant"].astype(str)
     df["untrained"] = tag(df, "bench.untrained_backbones").fillna("none")
+    df["weights"] = tag(df, "bench.init_from.kind").fillna("trained")  # official | run | file | trained
     return add_derived(df)
 
 

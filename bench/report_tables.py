@@ -31,6 +31,7 @@ NOT_SIGNIFICANT = ("†", r"$^{\dagger}$")
 NOT_TESTED = ("‡", r"$^{\ddagger}$")
 UNTRAINED_METRIC = ("ᵘ", r"$^{u}$")  # not "*": it would merge with Markdown bold
 UNTRAINED_TRAINING = ("§", r"$^{\S}$")
+OFFICIAL_WEIGHTS = "official weights"
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Row:
     key: str  # "<method>/<variant>"
     label: str
     untrained_training: List[str] = field(default_factory=list)
+    official_weights: bool = False  # every run of the row evaluated a released official checkpoint
 
 
 @dataclass
@@ -145,6 +147,13 @@ def _training_untrained(runset: RunSet, row: str) -> List[str]:
     return sorted({u for t in tags for u in untrained_split(t)[1]})
 
 
+def _row(runset: RunSet, key: str, label: str) -> Row:
+    runs = runset.runs.loc[runset.runs["row"] == key]
+    official = "weights" in runs and len(runs) > 0 and bool((runs["weights"] == "official").all())
+    # Weights nobody trained here: a loss backbone's state does not matter, only the release's.
+    return Row(key, label, [] if official else _training_untrained(runset, key), official)
+
+
 def published_lookup(tables: Sequence[PublishedTable], row_key: str, dataset: str,
                      metric: str) -> Optional[Tuple[float, str]]:
     """The first published value for our (row, dataset, metric), with its source."""
@@ -164,7 +173,7 @@ def summary_tables(runset: RunSet, published: Sequence[PublishedTable]) -> List[
     if df.empty:
         return []
     labels = row_labels(df)
-    rows = [Row(k, labels[k], _training_untrained(runset, k)) for k in dict.fromkeys(df["row"])]
+    rows = [_row(runset, k, labels[k]) for k in dict.fromkeys(df["row"])]
     datasets = list(dict.fromkeys(df["dataset"]))
     metrics = runset.metric_columns()
     cells = _cells(runset, metrics)
@@ -228,7 +237,7 @@ def paper_tables(runset: RunSet, published: Sequence[PublishedTable],
                     v = pt.value(pkey, canonical_dataset(ds), m)
                     if v is not None:
                         pub[(r, ds, m)] = (v, pt.source)
-        rows = [Row(r, f"{pt.rows[pkey].get('label', pkey)} ({r})", _training_untrained(runset, r))
+        rows = [_row(runset, r, f"{pt.rows[pkey].get('label', pkey)} ({r})")
                 for r, pkey in matched]
         cols = [(ds, m) for ds in datasets for m in pt.metrics
                 if any((r.key, ds, m) in cells or (r.key, ds, m) in pub for r in rows)]
@@ -320,6 +329,9 @@ def footnotes(table: Table, latex: bool = False) -> List[str]:
     if untrained:
         notes.append(f"{UNTRAINED_METRIC[i]} computed with an untrained (seeded random-init) backbone "
                      f"({', '.join(untrained)}): not comparable with published numbers.")
+    if any(r.official_weights for r in table.rows):
+        notes.append(f"{OFFICIAL_WEIGHTS}: the released official checkpoint, converted with python -m bench.convert "
+                     f"and evaluated here without training (run tags bench.init_from.*).")
     training = sorted({u for r in table.rows for u in r.untrained_training})
     if training:
         notes.append(f"{UNTRAINED_TRAINING[i]} trained with an untrained loss backbone "
@@ -335,6 +347,8 @@ def footnotes(table: Table, latex: bool = False) -> List[str]:
 
 def _row_label(row: Row, latex: bool) -> str:
     label = latex_escape(row.label) if latex else row.label
+    if row.official_weights:
+        label += f" ({OFFICIAL_WEIGHTS})"
     if row.untrained_training:
         label += UNTRAINED_TRAINING[1 if latex else 0]
     return label
