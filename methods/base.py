@@ -38,6 +38,7 @@ class MethodContext:
     lr_d: Optional[float] = None
     beta1: Optional[float] = None
     beta2: Optional[float] = None
+    lr_scale: float = 1.0  # data-parallel trials with train.lr_scaling linear: x workers, on every lr
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backbones: BackboneSettings = field(default_factory=BackboneSettings)
     seed: int = 0
@@ -45,8 +46,10 @@ class MethodContext:
 
     def official_optim(self, **official: float) -> Dict[str, float]:
         """The optimiser settings to use: the sweep's where it set them, else the method's official
-        ones (keys lr_g, lr_d, beta1, beta2)."""
-        return {k: (getattr(self, k) if getattr(self, k, None) is not None else v) for k, v in official.items()}
+        ones (keys lr_g, lr_d, beta1, beta2); learning rates (keys starting with ``lr``) times
+        ``lr_scale``."""
+        out = {k: (getattr(self, k) if getattr(self, k, None) is not None else v) for k, v in official.items()}
+        return {k: v * self.lr_scale if k.startswith("lr") else v for k, v in out.items()}
     # False for evaluation-only trials (train.steps: 0, e.g. released weights): the method builds
     # no optimisers and no training-only networks (loss backbones, discriminators).
     training: bool = True

@@ -65,6 +65,11 @@ def test_evaluation_only_trial_from_a_run_and_from_a_converted_file(ray_session,
     assert off.data.tags["bench.init_from.kind"] == "official"
     assert "release demo (someone/toy@0123456)" in off.data.tags["bench.init_from.origin"]
     assert off.data.metrics["l1"] == pytest.approx(src.data.metrics["l1"], rel=1e-6)
+    from bench.report import build_report
+
+    index = build_report("official", tracking_uri=uri, workdir=tmp_path, log_to_mlflow=False)
+    text = index.read_text() + "".join(p.read_text() for p in index.parent.rglob("*.md"))
+    assert "default (official weights)" in text and "released official checkpoint" in text
 
 
 def test_init_from_problems_are_found_before_anything_runs(tmp_path):
