@@ -43,6 +43,9 @@ class MethodContext:
     backbones: BackboneSettings = field(default_factory=BackboneSettings)
     seed: int = 0
     total_steps: int = 1  # for methods with phases (warm-up) or schedules
+    # False for evaluation-only trials (train.steps: 0, e.g. released weights): the method builds
+    # no optimisers and no training-only networks (loss backbones, discriminators).
+    training: bool = True
 
     def official_optim(self, **official: float) -> Dict[str, float]:
         """The optimiser settings to use: the sweep's where it set them, else the method's official
@@ -50,9 +53,6 @@ class MethodContext:
         ``lr_scale``."""
         out = {k: (getattr(self, k) if getattr(self, k, None) is not None else v) for k, v in official.items()}
         return {k: v * self.lr_scale if k.startswith("lr") else v for k, v in out.items()}
-    # False for evaluation-only trials (train.steps: 0, e.g. released weights): the method builds
-    # no optimisers and no training-only networks (loss backbones, discriminators).
-    training: bool = True
 
 
 @dataclass
