@@ -54,4 +54,33 @@ def unet_eps(fx: Fixture) -> Dict[str, torch.Tensor]:
     return out
 
 
-CASES: Dict[str, Callable[[Fixture], Dict[str, torch.Tensor]]] = {"unet_eps": unet_eps}
+def vq_f4(fx: Fixture) -> Dict[str, torch.Tensor]:
+    """LDM's VQ first stage: ``encode/h`` = quant_conv(encoder(image)) (what MIDMs warps), and the
+    decode of that h (``decode_image/``) and of a given latent (``decode_latent/``):
+    quantisation (codebook argmin indices, emb_loss) then decoder(post_quant_conv(quantised)).
+    Intermediates are named by LDM module (``<stage>/encoder.down.0.block.-1``, ...)."""
+    spec = _spec(fx, "first_stage").first_stage
+    ae = spec.load(strip_prefix(fx.state_dict("first_stage"), FIRST_STAGE_PREFIX)).eval()
+    ae.type(fx.dtype)
+
+    def modules(stage: str) -> Dict[str, nn.Module]:
+        names = [n.split("/", 1)[1] for n in fx.outputs if n.startswith(stage + "/")]
+        return {f"{stage}/{n}": spec.module(ae, n) for n in names if n.startswith(("encoder.", "decoder."))}
+
+    out: Dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        with capture(modules("encode")) as seen:
+            out["encode/h"] = ae.encode(fx.inputs["image"].to(fx.dtype)).latents
+        out.update(seen)
+        for stage, z in (("decode_image", out["encode/h"]), ("decode_latent", fx.inputs["latent"].to(fx.dtype))):
+            quantised, emb_loss, (_, _, indices) = ae.quantize(z)
+            out[f"{stage}/quantized"] = quantised
+            out[f"{stage}/codebook_indices"] = indices.reshape(z.shape[0], *z.shape[2:])
+            out[f"{stage}/emb_loss"] = emb_loss
+            with capture(modules(stage)) as seen:
+                out[f"{stage}/x_rec"] = ae.decode(quantised, force_not_quantize=True).sample
+            out.update(seen)
+    return out
+
+
+CASES: Dict[str, Callable[[Fixture], Dict[str, torch.Tensor]]] = {"unet_eps": unet_eps, "vq_f4": vq_f4}
