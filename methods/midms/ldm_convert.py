@@ -561,6 +561,19 @@ LDM_CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 
+# The LDM each MIDMs benchmark (its --benchmark option) builds on: CelebA-HQ edge is the released
+# model (weights/celeba/pretrained/config.yaml); LSUN-Churches per the paper (LDM's churches model);
+# no DeepFashion LDM is referenced anywhere.
+BENCHMARK_LDM = {"celebahqedge": "celebahq-ldm-vq-4", "lsun_church": "lsun_churches-ldm-kl-8"}
+
+
+def ldm_config_for_benchmark(benchmark: str) -> Dict[str, Any]:
+    if benchmark not in BENCHMARK_LDM:
+        raise ConversionError(f"no known LDM config for MIDMs benchmark {benchmark!r} (known: {sorted(BENCHMARK_LDM)}); "
+                              f"give the checkpoint's config.yaml")
+    return LDM_CONFIGS[BENCHMARK_LDM[benchmark]]
+
+
 def ldm_config_for(manifest: Mapping[str, Any]) -> Dict[str, Any]:
     """The known LDM config (``LDM_CONFIGS``) whose UNet and/or first stage have exactly the keys
     and shapes of ``manifest`` (official key -> [shape, dtype], or key -> tensor; LDM's layout,
@@ -650,5 +663,5 @@ def convert_ldm_state_dict(state: Mapping[str, torch.Tensor], spec: LDMSpec, pre
                         dropped=dropped)
 
 
-__all__ = ["FIRST_STAGE_PREFIX", "FirstStageSpec", "LDM_CONFIGS", "LDMConverted", "LDMSpec", "ldm_config_for", "MIDMS_PREFIX", "SCHEDULE_BUFFERS",
+__all__ = ["BENCHMARK_LDM", "FIRST_STAGE_PREFIX", "FirstStageSpec", "LDM_CONFIGS", "LDMConverted", "LDMSpec", "ldm_config_for", "ldm_config_for_benchmark", "MIDMS_PREFIX", "SCHEDULE_BUFFERS",
            "Source", "UNET_PREFIX", "UNetSpec", "convert_ldm_state_dict", "detect_prefix"]
