@@ -264,6 +264,9 @@ class UNetSpec(_Layout):
                     # a fixed head width is a UNet2DModel config; a fixed head count is set in build()
                     attention_head_dim=self.num_head_channels if self.num_head_channels != -1 else None,
                     norm_num_groups=self.norm_num_groups, norm_eps=1e-5,
+                    # LDM's mid-block attention always normalises its input; diffusers drops that
+                    # GroupNorm under scale_shift unless told the groups
+                    attn_norm_num_groups=self.norm_num_groups,
                     resnet_time_scale_shift="scale_shift" if self.use_scale_shift_norm else "default",
                     add_attention=True)
 
