@@ -25,10 +25,9 @@ Layout traps handled here:
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from diffusers import AutoencoderKL, UNet2DModel, VQModel
@@ -134,15 +133,20 @@ class _Layout:
                          f"{self.what}{' behind ' + outer_prefix if outer_prefix else ''}")
         return {k: src.take(ldm[src.key], tuple(our_shapes[k])) for k, src in self.sources(our_shapes).items()}
 
-    def load(self, ldm: Mapping[str, torch.Tensor]) -> nn.Module:
-        """Our model carrying the converted LDM weights: built on the meta device and the weights
-        assigned (no random init of hundreds of millions of parameters only to overwrite them)."""
+    def assign(self, ours: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Our model carrying ``ours`` (our keys, e.g. ``convert``'s result): built on the meta device
+        and the tensors assigned (no random init of hundreds of millions of parameters only to
+        overwrite them)."""
         model = self.meta_model()
-        model.load_state_dict(self.convert(ldm), assign=True)
-        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        model.load_state_dict(ours, assign=True)  # strict: every parameter and persistent buffer
+        left = [n for n, t in model.named_buffers() if t.is_meta and n not in ours]
         if left:
-            raise ConversionError(f"{self.what}: no weights for {left} after conversion")
+            raise ConversionError(f"{self.what}: buffers outside the state dict stay unset: {left}")
         return model
+
+    def load(self, ldm: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Our model carrying the converted LDM weights (keys without the LDM prefix)."""
+        return self.assign(self.convert(ldm))
 
     def to_ldm(self, ours: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """LDM tensors (keys without prefix) from our state dict: the inverse of ``convert``."""
@@ -216,7 +220,7 @@ class UNetSpec(_Layout):
         spec = cls(in_channels=int(p["in_channels"]), out_channels=int(p["out_channels"]),
                    model_channels=int(p["model_channels"]), channel_mult=tuple(int(m) for m in p.get("channel_mult", (1, 2, 4, 8))),
                    num_res_blocks=int(p["num_res_blocks"]),
-                   attention_resolutions=tuple(int(r) for r in p["attention_resolutions"]),
+                   attention_resolutions=tuple(sorted(int(r) for r in p["attention_resolutions"])),
                    num_heads=int(p.get("num_heads", -1)), num_head_channels=int(p.get("num_head_channels", -1)),
                    num_heads_upsample=int(p.get("num_heads_upsample", -1)),
                    use_scale_shift_norm=bool(p.get("use_scale_shift_norm", False)),
