@@ -4,8 +4,8 @@ stage and the DDIM schedules. ``CASES[name](fx) -> {official output name: full t
 
 Each case builds our diffusers modules from the LDM config the fixture's weights were made for
 (identified by their shapes among the known LDM configs -- the fixtures carry the official
-checkpoint layout, not the config -- or, without weights, by the official ``--benchmark``), loads the converted filled weights and runs in float64 (the
-fixture's dtype) unless an output says otherwise.
+checkpoint layout, not the config -- or, without weights, by the official ``--benchmark``), loads
+the converted filled weights and runs in the fixture's dtype unless an output says otherwise.
 """
 from __future__ import annotations
 
@@ -89,15 +89,13 @@ def vq_f4(fx: Fixture) -> Dict[str, torch.Tensor]:
 def ddim_schedule(fx: Fixture) -> Dict[str, torch.Tensor]:
     """LDM's schedule buffers (``ldm/``), the DDIM tables of every ``ddim<S>_eta<eta>/`` the fixture
     stores, and the timesteps of MIDMs' interleaved loop and of its final sampler."""
-    config = ldm_config_for_benchmark(fx.run_options["benchmark"])
-    schedule = sch.ldm_schedule(config["params"] if "params" in config else config)
+    schedule = sch.ldm_schedule(LDMSpec.from_config(ldm_config_for_benchmark(fx.run_options["benchmark"])).params)
     out: Dict[str, torch.Tensor] = {f"ldm/{k}": getattr(schedule, k) for k in (
         "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")}
-    tables = {}
     for name in sorted({n.split("/", 1)[0] for n in fx.outputs}):
         m = re.fullmatch(r"ddim(\d+)_eta([0-9.]+)", name)
         if m:
-            tables[name] = t = sch.ddim_tables(schedule.alphas_cumprod, int(m[1]), float(m[2]))
+            t = sch.ddim_tables(schedule.alphas_cumprod, int(m[1]), float(m[2]))
             out.update({f"{name}/{k}": getattr(t, k) for k in (
                 "ddim_timesteps", "time_range", "ddim_alphas", "ddim_alphas_prev", "ddim_sigmas",
                 "ddim_sqrt_one_minus_alphas")})
