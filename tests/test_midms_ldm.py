@@ -219,6 +219,7 @@ def test_ldm_scheduler_carries_ldm_alphas():
     assert x.dtype == torch.float64
     assert torch.allclose(x[0], sched.sqrt_alphas_cumprod[311].double() * x0[0]
                           + sched.sqrt_one_minus_alphas_cumprod[311].double() * noise[0], rtol=0, atol=0)
+    assert torch.equal(sched.q_sample(x0, 311, noise)[0], x[0])
 
 
 # ---- parity -----------------------------------------------------------------------------------------

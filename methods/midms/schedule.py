@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -89,11 +89,12 @@ class LDMSchedule:
     def num_train_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: Union[int, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         """LDM's ``q_sample``: sqrt(a_t) x0 + sqrt(1 - a_t) noise with its float32 square roots
-        (promoted to ``x0``'s dtype, as LDM's float32 buffers times a float64 tensor are)."""
+        (promoted to ``x0``'s dtype, as LDM's float32 buffers times a float64 tensor are); ``t`` one
+        timestep for the batch or one per sample."""
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        t = t.to(device=self.betas.device, dtype=torch.long).reshape(-1)
+        t = torch.as_tensor(t, dtype=torch.long).to(self.betas.device).reshape(-1)
         a = self.sqrt_alphas_cumprod[t].to(x0).reshape(shape)
         s = self.sqrt_one_minus_alphas_cumprod[t].to(x0).reshape(shape)
         return a * x0 + s * noise
