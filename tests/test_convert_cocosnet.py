@@ -52,10 +52,11 @@ def test_every_manifest_key_is_converted_or_dropped_with_the_right_shape(release
     ctx = converted.context
     assert ctx["resolution"] == 256 and ctx["dataset"] == C.RELEASES[release].dataset
     # Our parameter count equals the official one, minus the dropped biases and the unused decoder.
-    kept = {k: v for k, v in converted.state_dict.items() if not k.endswith(("weight_u", "weight_v"))}
-    ours = {net: sum(v.numel() for k, v in kept.items() if k.startswith(net + ".")) for net in official}
-    dropped_params = {net: sum(official[net][k].numel() for k in official[net] if C.our_key(net, k) is None)
-                      for net in official}
+    param = lambda k: not k.endswith(("weight_u", "weight_v"))  # noqa: E731  (u/v are buffers)
+    ours = {net: sum(v.numel() for k, v in converted.state_dict.items() if k.startswith(net + ".") and param(k))
+            for net in official}
+    dropped_params = {net: sum(sd[k].numel() for k in sd if param(k) and C.our_key(net, k) is None)
+                      for net, sd in official.items()}
     for net, count in cfg["parameter_count"].items():
         assert ours[net] == count - dropped_params[net], (net, ours[net], count)
 
