@@ -58,9 +58,10 @@ def build(ds, resolution: int, seed: int = 0, **opts) -> CoCosNetMethod:
     ctx = MethodContext(data=ds.info, resolution=resolution, width=0.125, backbones=UNTRAINED, seed=seed,
                         beta2=0.9, total_steps=10)
     torch.manual_seed(seed)
-    # The Caffe-layout VGG (convs only) builds faster untrained than torchvision's (which also
-    # initialises its 120M-parameter classifier); one test covers the torchvision default.
-    return CoCosNetMethod(CoCosNetOptions(**dict(dict(vgg="caffe"), **opts)), ctx)
+    # At 32x32 the official D (padding 1) has room for one scale only: its second scale would reach
+    # its last instance norm at 1x1 (the method refuses that; test_official_discriminator... checks).
+    defaults = dict(num_d=1) if resolution < 64 else {}
+    return CoCosNetMethod(CoCosNetOptions(**dict(defaults, **opts)), ctx)
 
 
 def only(switch: str) -> Dict[str, float]:
@@ -162,6 +163,8 @@ def test_switched_off_terms_are_not_computed(data32):
     # With every VGG term off the VGG is never built (and not in the provenance).
     model = build(ds, 32, lambda_feat_vgg=0.0, lambda_perc=0.0, lambda_context=0.0)
     assert model.vgg is None and not model.provenance
+    # The Caffe VGG is the default; one build covers torchvision's (slower: it also initialises
+    # its 120M-parameter classifier).
     assert set(build(ds, 32, vgg="torchvision").provenance) == {"vgg19_torchvision"}
 
 
@@ -184,6 +187,11 @@ def test_gradients_reach_every_trainable_parameter(data32):
                if not n.startswith("netD.") and (p.grad is None or float(p.grad.abs().sum()) == 0)]
     assert not missing, f"no generator-side gradient: {missing}"
     model.zero_grad(set_to_none=True)
+    # The logit bias's hinge gradient is (share of fakes above -1) - (share of reals below 1): exactly
+    # 0 while every logit is inside the margins, as at init. Shift the logits so they are not.
+    with torch.no_grad():
+        for net in model.netD.nets:
+            net.layers[-1][0].bias.fill_(1.5)
     pred_fake, pred_real = model._discriminate(pseudo["cond"], out["fake"].detach(), pseudo["image"])
     from methods.common.losses import hinge_d_loss
     hinge_d_loss(pred_real, pred_fake).backward()
@@ -285,17 +293,19 @@ def test_official_discriminator_init_and_optimiser(data32):
     assert [tuple(f.shape[-2:]) for f in pred_fake[0]] == [(16, 16), (8, 8), (4, 4), (3, 3), (2, 2)]
     assert all(net.attn is not None for net in model.netD.nets) and model.netG.attn is not None
     # GPU-path init: xavier(0.02) in plain convs, torch's default (kaiming-uniform) in spectral-norm ones.
-    plain = model.netG.conv_img.weight
-    sn = model.netG.up_3.conv_0.weight_orig
+    plain = model.netG.conv_img.weight.detach()
+    sn = model.netG.up_3.conv_0.weight_orig.detach()
     fan_in = sn[0].numel()
-    assert float(plain.std()) < 0.02 and float(model.netG.conv_img.bias.abs().max()) == 0.0
+    assert float(plain.std()) < 0.02 and float(model.netG.conv_img.bias.detach().abs().max()) == 0.0
     assert float(sn.abs().max()) <= (1 / fan_in) ** 0.5 + 1e-6 and float(sn.std()) > 0.5 * (1 / (3 * fan_in)) ** 0.5
     cpu = build(ds, 32, init_sn_keep_default=False)  # the official CPU path writes xavier into them too
-    assert float(cpu.netG.up_3.conv_0.weight_orig.std()) < 0.3 * float(sn.std())
+    assert float(cpu.netG.up_3.conv_0.weight_orig.detach().std()) < 0.3 * float(sn.std())
     # Official Adam with TTUR: G + Corr 1e-4 (eps 1e-3), D 4e-4, betas (0, 0.9).
     g, d = model.opt_g.param_groups[0], model.opt_d.param_groups[0]
     assert (g["lr"], g["betas"], g["eps"]) == (1e-4, (0.0, 0.9), 1e-3) and (d["lr"], d["betas"], d["eps"]) == (4e-4, (0.0, 0.9), 1e-8)
     assert model.resolved["lr_g"] == 1e-4 and model.resolved["lr_d"] == 4e-4
+    with pytest.raises(ValueError, match="coarsest scale shrinks to 1x1"):
+        build(ds, 32, num_d=2)  # 32 -> 16 -> 8 -> 4 -> 2 -> 1: the official D cannot run there either
 
 
 def test_evaluation_only_builds_no_training_networks(data32):
@@ -325,7 +335,7 @@ def test_options_and_weights_errors(data32, tmp_path, monkeypatch):
     ctx = MethodContext(data=ds.info, resolution=32, width=0.125,
                         backbones=BackboneSettings(weights_dir=str(tmp_path), download=False))
     with pytest.raises(MissingWeightsError, match="vgg19_conv.pth"):
-        CoCosNetMethod(CoCosNetOptions(), ctx)  # the Caffe VGG is the default
+        CoCosNetMethod(CoCosNetOptions(num_d=1), ctx)  # the Caffe VGG is the default
     assert build(ds, 32).provenance == {"vgg19_caffe": "untrained(seed=0)"}
 
 

@@ -179,6 +179,13 @@ class CoCosNetMethod(ExemplarMethod):
             # self_ref_probability share of them. Official sampling wants train_exemplars: ref_list.
             warnings.warn("cocosnet: the dataset's training exemplars are all pseudo pairs; set the dataset "
                           "option train_exemplars: ref_list (official sampling) or self_ref_probability: 1.0")
+        if ctx.training:
+            side = r // 2 ** (o.num_d - 1)  # the coarsest D scale's input
+            for n in range(1, o.n_layers_d + 1):  # the normed 4x4 convs: stride 2, the last stride 1
+                side = (side + 2 * o.d_padding - 4) // (2 if n < o.n_layers_d else 1) + 1
+            if side < 2:  # its instance norm needs more than one position (train mode)
+                raise ValueError(f"cocosnet: at resolution {r} the discriminator's coarsest scale shrinks to {side}x{side} "
+                                 f"before its last instance norm; use fewer scales (num_d), d_padding 2 or a larger resolution")
         if o.lambda_mask > 0 and ctx.data.num_classes != ctx.data.cond_channels:
             raise ValueError("cocosnet: lambda_mask > 0 needs a one-hot label-map condition (num_classes = "
                              f"cond_channels), got num_classes={ctx.data.num_classes}, cond_channels={ctx.data.cond_channels}")
