@@ -16,7 +16,7 @@ import methods  # noqa: F401  (registers the methods)
 from datasets.base import DatasetSpec
 from datasets.embedded import EmbeddedDataset
 from methods.base import BackboneSettings, MethodContext
-from methods.cocosnet.augment import distort, random_grids
+from methods.cocosnet.augment import distort, random_grids, recrop_grids
 from methods.cocosnet.correspondence import match_scores
 from methods.cocosnet.model import CoCosNetMethod, CoCosNetOptions
 from methods.common.correspondence import soft_warp, soft_weights
@@ -58,9 +58,10 @@ def build(ds, resolution: int, seed: int = 0, **opts) -> CoCosNetMethod:
     ctx = MethodContext(data=ds.info, resolution=resolution, width=0.125, backbones=UNTRAINED, seed=seed,
                         beta2=0.9, total_steps=10)
     torch.manual_seed(seed)
-    # The Caffe-layout VGG (convs only) builds faster untrained than torchvision's (which also
-    # initialises its 120M-parameter classifier); one test covers the torchvision default.
-    return CoCosNetMethod(CoCosNetOptions(**dict(dict(vgg="caffe"), **opts)), ctx)
+    # At 32x32 the official D (padding 1) has room for one scale only: its second scale would reach
+    # its last instance norm at 1x1 (the method refuses that; test_official_discriminator... checks).
+    defaults = dict(num_d=1) if resolution < 64 else {}
+    return CoCosNetMethod(CoCosNetOptions(**dict(defaults, **opts)), ctx)
 
 
 def only(switch: str) -> Dict[str, float]:
@@ -162,6 +163,8 @@ def test_switched_off_terms_are_not_computed(data32):
     # With every VGG term off the VGG is never built (and not in the provenance).
     model = build(ds, 32, lambda_feat_vgg=0.0, lambda_perc=0.0, lambda_context=0.0)
     assert model.vgg is None and not model.provenance
+    # The Caffe VGG is the default; one build covers torchvision's (slower: it also initialises
+    # its 120M-parameter classifier).
     assert set(build(ds, 32, vgg="torchvision").provenance) == {"vgg19_torchvision"}
 
 
@@ -171,7 +174,8 @@ def test_gradients_reach_every_trainable_parameter(data32):
     # The attention gain starts at 0 (official), which zeroes the gradient of the attention convs
     # until the first update moves it; give it the value one step would.
     with torch.no_grad():
-        model.netG.attn.gamma.fill_(1e-2)
+        for attn in [model.netG.attn] + [net.attn for net in model.netD.nets]:
+            attn.gamma.fill_(1e-2)
     pseudo = model._pseudo_pairs(batch)
     assert 0 < float(pseudo["self_ref"].sum()) < 2, "want one pseudo pair and one real exemplar"
     losses, out = model.generator_losses(pseudo)
@@ -183,6 +187,11 @@ def test_gradients_reach_every_trainable_parameter(data32):
                if not n.startswith("netD.") and (p.grad is None or float(p.grad.abs().sum()) == 0)]
     assert not missing, f"no generator-side gradient: {missing}"
     model.zero_grad(set_to_none=True)
+    # The logit bias's hinge gradient is (share of fakes above -1) - (share of reals below 1): exactly
+    # 0 while every logit is inside the margins, as at init. Shift the logits so they are not.
+    with torch.no_grad():
+        for net in model.netD.nets:
+            net.layers[-1][0].bias.fill_(1.5)
     pred_fake, pred_real = model._discriminate(pseudo["cond"], out["fake"].detach(), pseudo["image"])
     from methods.common.losses import hinge_d_loss
     hinge_d_loss(pred_real, pred_fake).backward()
@@ -247,10 +256,76 @@ def test_pseudo_pair_distortion_keeps_condition_and_photo_aligned(data32):
     assert torch.equal(cond.argmax(1), lab)
 
 
+def test_recrop_is_the_official_crop_and_flip(data32):
+    ds, batch = data32
+    g = torch.Generator().manual_seed(0)
+    ident = recrop_grids(2, 32, g, scale=1.0, flip=False)  # load size = crop size, no flip: the photo itself
+    assert torch.allclose(distort(ident, batch["image"], "bilinear"), batch["image"], atol=1e-5)
+    # 256/286 at 32 px: resized to 36, a 32 crop at an integer offset 0..4, so each output pixel
+    # centre sits on the 36-pixel grid of the resized photo.
+    grid = recrop_grids(64, 32, g, scale=256 / 286, flip=False)
+    x_load = (grid[..., 0] + 1) / 2 * 36 - 0.5  # the sampled position in resized-photo pixels
+    offset = x_load[:, 0, 0]
+    assert torch.allclose(x_load, x_load.round(), atol=1e-4) and set(offset.round().tolist()) <= set(range(5))
+    assert len(set(offset.round().tolist())) > 2  # offsets are drawn, not fixed
+    flipped = recrop_grids(200, 32, g, scale=1.0, flip=True)
+    share = float((flipped[:, 0, 0, 0] > 0).float().mean())  # mirrored rows start at the right edge
+    assert 0.3 < share < 0.7
+
+
+def test_self_reference_samples_and_video_like_pairs(data32):
+    ds, batch = data32
+    model = build(ds, 32, self_ref_probability=1.0, pseudo_flip=False, recrop_scale=1.0)
+    pseudo = model._pseudo_pairs(batch)  # scale 1, no flip: the self-reference is the photo itself
+    assert torch.equal(pseudo["self_ref"], torch.ones(2))
+    assert torch.allclose(pseudo["exemplar"], batch["image"], atol=1e-5)
+    assert torch.equal(pseudo["exemplar_cond"], batch["cond"])
+    model = build(ds, 32, self_ref_probability=1.0, pseudo_pair="exemplar")  # --video_like: keep the pair
+    pseudo = model._pseudo_pairs(batch)
+    assert torch.equal(pseudo["exemplar"], batch["exemplar"]) and torch.equal(pseudo["self_ref"], torch.ones(2))
+
+
+def test_official_discriminator_init_and_optimiser(data32):
+    ds, batch = data32
+    model = build(ds, 32)
+    # Padding 1 and the attention block on model3's input: 32 -> 16 -> 8 -> 4 -> 3 -> 2 logits.
+    pred_fake, _ = model._discriminate(batch["cond"], batch["image"], batch["image"])
+    assert [tuple(f.shape[-2:]) for f in pred_fake[0]] == [(16, 16), (8, 8), (4, 4), (3, 3), (2, 2)]
+    assert all(net.attn is not None for net in model.netD.nets) and model.netG.attn is not None
+    # GPU-path init: xavier(0.02) in plain convs, torch's default (kaiming-uniform) in spectral-norm ones.
+    plain = model.netG.conv_img.weight.detach()
+    sn = model.netG.up_3.conv_0.weight_orig.detach()
+    fan_in = sn[0].numel()
+    assert float(plain.std()) < 0.02 and float(model.netG.conv_img.bias.detach().abs().max()) == 0.0
+    assert float(sn.abs().max()) <= (1 / fan_in) ** 0.5 + 1e-6 and float(sn.std()) > 0.5 * (1 / (3 * fan_in)) ** 0.5
+    cpu = build(ds, 32, init_sn_keep_default=False)  # the official CPU path writes xavier into them too
+    assert float(cpu.netG.up_3.conv_0.weight_orig.detach().std()) < 0.3 * float(sn.std())
+    # Official Adam with TTUR: G + Corr 1e-4 (eps 1e-3), D 4e-4, betas (0, 0.9).
+    g, d = model.opt_g.param_groups[0], model.opt_d.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"]) == (1e-4, (0.0, 0.9), 1e-3) and (d["lr"], d["betas"], d["eps"]) == (4e-4, (0.0, 0.9), 1e-8)
+    assert model.resolved["lr_g"] == 1e-4 and model.resolved["lr_d"] == 4e-4
+    with pytest.raises(ValueError, match="coarsest scale shrinks to 1x1"):
+        build(ds, 32, num_d=2)  # 32 -> 16 -> 8 -> 4 -> 2 -> 1: the official D cannot run there either
+
+
+def test_evaluation_only_builds_no_training_networks(data32):
+    ds, batch = data32
+    ctx = MethodContext(data=ds.info, resolution=32, width=0.125, backbones=BackboneSettings(download=False),
+                        training=False)
+    model = CoCosNetMethod(CoCosNetOptions(), ctx)  # no VGG file needed: no losses are built
+    assert model.netD is None and model.vgg is None and model.optimizers() == {} and not model.provenance
+    assert set(k.split(".")[0] for k in model.state_dict()) == {"netCorr", "netG"}
+    out = model.generate({k: batch[k] for k in ("cond", "exemplar", "exemplar_cond")})
+    assert out.output.shape == (2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="evaluation only"):
+        model.train_step(batch, 0)
+
+
 def test_options_and_weights_errors(data32, tmp_path, monkeypatch):
     ds, _ = data32
     assert METHODS.get("cocosnet") is CoCosNetMethod and CoCosNetMethod.has_warp
-    for bad in ({"norm": "layer"}, {"perc_layer": "relu3_2"}, {"match_kernel": 2}, {"warp_down": 8}):
+    for bad in ({"norm": "layer"}, {"perc_layer": "relu3_2"}, {"match_kernel": 2}, {"warp_down": 8},
+                {"pseudo_pair": "mirror"}, {"d_padding": 3}):
         with pytest.raises(ValueError):
             build(ds, 32, **bad)
     # The official Caffe VGG is never downloaded or faked: without the file and without
@@ -260,7 +335,7 @@ def test_options_and_weights_errors(data32, tmp_path, monkeypatch):
     ctx = MethodContext(data=ds.info, resolution=32, width=0.125,
                         backbones=BackboneSettings(weights_dir=str(tmp_path), download=False))
     with pytest.raises(MissingWeightsError, match="vgg19_conv.pth"):
-        CoCosNetMethod(CoCosNetOptions(vgg="caffe"), ctx)
+        CoCosNetMethod(CoCosNetOptions(num_d=1), ctx)  # the Caffe VGG is the default
     assert build(ds, 32).provenance == {"vgg19_caffe": "untrained(seed=0)"}
 
 

@@ -39,7 +39,7 @@ def official_state(seed: int = 0, convs=V.CONVS):
 
 def reference_forward(state, x):
     """The official VGG19_feature_color_torchversion by hand: Caffe input, conv+relu, max pool."""
-    mean = torch.tensor([0.40760392, 0.45795686, 0.48501961]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.40760392, 0.45795686, 0.48501961], dtype=x.dtype).view(1, 3, 1, 1)
     h = (((x + 1) / 2)[:, [2, 1, 0]] - mean) * 255
     out = {}
     for name in V.CONVS[:14]:
@@ -141,3 +141,29 @@ def test_both_backbones_give_the_same_layer_names():
     assert not torch.allclose(ft["relu1_2"], fc["relu1_2"])  # different weights and preprocessing
     with pytest.raises(ValueError, match="backbone must be one of"):
         V.VGG19Features("imagenet", FIVE, UNTRAINED)
+
+
+def test_given_state_dict_builds_a_private_network_in_its_dtype():
+    """Official-layout weights handed over directly (the parity runner's vggnet_fix): loaded
+    strictly into an uncached network of the state dict's dtype."""
+    state = {k: v.double() for k, v in official_state().items()}
+    vgg = V.VGG19Features("caffe", FIVE, UNTRAINED, state_dict=state)
+    assert vgg.provenance == "given state dict" and vgg._caffe.conv1_1.weight.dtype == torch.float64
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    feats, ref = vgg(x), reference_forward(state, x)
+    for layer in FIVE:
+        torch.testing.assert_close(feats[layer], ref[layer], rtol=1e-12, atol=1e-10)
+    shared, _ = V.load_caffe_vgg19(UNTRAINED, FIVE)
+    assert vgg._caffe is not shared
+    with pytest.raises(ValueError, match="missing keys"):
+        V.VGG19Features("caffe", FIVE, UNTRAINED, state_dict={k: v for k, v in state.items() if "conv5" not in k})
+    with pytest.raises(ValueError, match="only supported for the caffe backbone"):
+        V.VGG19Features("torchvision", FIVE, UNTRAINED, state_dict=state)
+
+
+def test_a_network_built_on_the_meta_device_is_never_handed_out_for_real_use():
+    settings = BackboneSettings(allow_untrained=True, download=False, seed=11)
+    with torch.device("meta"):  # e.g. a converter check building a method on meta
+        meta, _ = V.load_caffe_vgg19(settings, FIVE)
+    real, _ = V.load_caffe_vgg19(settings, FIVE)
+    assert meta.conv1_1.weight.device.type == "meta" and real.conv1_1.weight.device.type == "cpu"

@@ -4,42 +4,16 @@ A constant-free SPADE generator: the conditioning map (warped exemplar ++ condit
 ``resolution / 32`` and convolved to start the trunk, then every SPADE block is modulated by the
 same map. The parameter-free norm is positional normalisation (``--PONO``), which keeps per-pixel
 structure of the warped exemplar (Sec. 3.2). ``--use_attention`` (set in every official command)
-adds a SAGAN self-attention block before ``up_2``.
+adds a SAGAN self-attention block (``methods.common.attention``) before ``up_2``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import spectral_norm
 
+from methods.common.attention import Attention
 from methods.common.spade_blocks import SPADEResBlock
-
-
-class Attention(nn.Module):
-    """Official ``architecture.Attention`` (SAGAN): theta/phi at C/8, g at C/2 with 2x2 max-pooling
-    of the keys, output conv back to C, learnable gain ``gamma`` initialised to 0 (so the block
-    starts as the identity and its convs get gradient only once gamma moves)."""
-
-    def __init__(self, ch: int, use_sn: bool = True):
-        super().__init__()
-        sn = spectral_norm if use_sn else (lambda m: m)
-        self.ch = ch
-        self.ck, self.cv = max(1, ch // 8), max(1, ch // 2)
-        self.theta = sn(nn.Conv2d(ch, self.ck, 1, bias=False))
-        self.phi = sn(nn.Conv2d(ch, self.ck, 1, bias=False))
-        self.g = sn(nn.Conv2d(ch, self.cv, 1, bias=False))
-        self.o = sn(nn.Conv2d(self.cv, ch, 1, bias=False))
-        self.gamma = nn.Parameter(torch.tensor(0.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        theta = self.theta(x).view(b, self.ck, h * w)
-        phi = F.max_pool2d(self.phi(x), 2).view(b, self.ck, h * w // 4)
-        g = F.max_pool2d(self.g(x), 2).view(b, self.cv, h * w // 4)
-        beta = F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
-        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(b, self.cv, h, w))
-        return self.gamma * o + x
 
 
 class CoCosNetGenerator(nn.Module):

@@ -2,7 +2,7 @@
 perceptual loss and KL divergence, with the official code's weightings."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +12,19 @@ from methods.base import BackboneSettings
 from methods.common.vgg import VGGFeatures
 
 
+def hinge_d_terms(real: List[List[torch.Tensor]], fake: List[List[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The discriminator hinge loss's real and fake terms, each averaged over scales (official
+    ``GANLoss(for_discriminator=True)``: ``D_real`` = mean relu(1 - D(real)), ``D_Fake`` = mean
+    relu(1 + D(fake)))."""
+    real_term = sum(F.relu(1 - r[-1]).mean() for r in real) / len(real)
+    fake_term = sum(F.relu(1 + f[-1]).mean() for f in fake) / len(fake)
+    return real_term, fake_term
+
+
 def hinge_d_loss(real: List[List[torch.Tensor]], fake: List[List[torch.Tensor]]) -> torch.Tensor:
-    """Discriminator hinge loss, averaged over scales."""
-    loss = 0.0
-    for r, f in zip(real, fake):
-        loss = loss + F.relu(1 - r[-1]).mean() + F.relu(1 + f[-1]).mean()
-    return loss / len(real)
+    """Discriminator hinge loss, averaged over scales (real term + fake term)."""
+    real_term, fake_term = hinge_d_terms(real, fake)
+    return real_term + fake_term
 
 
 def hinge_g_loss(fake: List[List[torch.Tensor]]) -> torch.Tensor:

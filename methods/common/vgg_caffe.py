@@ -22,7 +22,7 @@ mean/std): same architecture, different weights and input scaling, so numbers di
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,38 +78,50 @@ class CaffeVGG19(nn.Module):
         return {l: out[l] for l in layers}
 
 
-_CACHE: Dict[Tuple[str, int, int], Tuple[CaffeVGG19, str]] = {}
+_CACHE: Dict[Tuple[str, int, int, str], Tuple[CaffeVGG19, str]] = {}
+
+
+def _num_convs(layers: Sequence[str]) -> int:
+    unknown = [l for l in layers if l not in CAFFE_LAYERS]
+    if unknown or not layers:
+        raise ValueError(f"unknown Caffe VGG19 layers {list(layers)}; known: {list(CAFFE_LAYERS)}")
+    return max(CAFFE_LAYERS.index(l) for l in layers) + 1
+
+
+def _frozen(net: CaffeVGG19, weights: Optional[Mapping[str, torch.Tensor]], origin: str) -> CaffeVGG19:
+    """``net`` loaded with ``weights`` (the official key layout; strict on the convs ``net`` has,
+    deeper ones such as conv5_3 / conv5_4 are not needed), in eval mode, without gradients."""
+    if weights is not None:
+        own = net.state_dict()
+        missing = [k for k in own if k not in weights]
+        if missing:
+            raise ValueError(f"{origin} is not the official {CAFFE_FILE}: missing keys {missing[:4]}")
+        try:
+            net.load_state_dict({k: weights[k] for k in own}, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{origin} is not the official {CAFFE_FILE}: {e}") from e
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
 
 
 def load_caffe_vgg19(settings: BackboneSettings, layers: Sequence[str],
                      purpose: str = "the Caffe VGG19") -> Tuple[CaffeVGG19, str]:
     """The frozen Caffe VGG19 with the convs ``layers`` need, and its provenance.
 
-    Shared per process (callers must not modify it). Looked up locally only (no stable URL).
+    Shared per process (callers must not modify it). Looked up locally only (no stable URL). The
+    cache is per device the network was built on (the default device: a network built on the meta
+    device, e.g. for checking a converter, must never be handed out for real use).
     """
-    unknown = [l for l in layers if l not in CAFFE_LAYERS]
-    if unknown or not layers:
-        raise ValueError(f"unknown Caffe VGG19 layers {list(layers)}; known: {list(CAFFE_LAYERS)}")
-    num_convs = max(CAFFE_LAYERS.index(l) for l in layers) + 1
+    num_convs = _num_convs(layers)
     path = find_weights(CAFFE_FILE, CAFFE_URL, dataclasses.replace(settings, download=False), purpose)
-    key = (str(path), settings.seed, num_convs)
+    key = (str(path), settings.seed, num_convs, torch.empty(0).device.type)
     if key not in _CACHE:
         with private_rng(settings.seed):  # seeded random init when untrained (labelled so)
             net = CaffeVGG19(num_convs)
-        if path is not None:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-            own = net.state_dict()
-            missing = [k for k in own if k not in weights]
-            if missing:
-                raise ValueError(f"{path} is not the official {CAFFE_FILE}: missing keys {missing[:4]}")
-            try:  # strict on the convs used; deeper ones in the file are not needed
-                net.load_state_dict({k: weights[k] for k in own}, strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"{path} is not the official {CAFFE_FILE}: {e}") from e
-        net.eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        _CACHE[key] = (net, provenance_of(path, settings.seed))
+        weights = torch.load(path, map_location="cpu", weights_only=True) if path is not None else None
+        _CACHE[key] = (_frozen(net, weights, str(path)), provenance_of(path, settings.seed))
     return _CACHE[key]
 
 
@@ -118,14 +130,26 @@ class VGG19Features(nn.Module):
 
     ``backbone``: ``caffe`` (``vgg19_conv.pth``, Caffe preprocessing) or ``torchvision`` (ImageNet
     weights, ImageNet mean/std). ``provenance`` is the weights' hash or ``untrained(seed=N)``.
-    The network is shared and kept out of ``state_dict`` (and so out of checkpoints).
+    The network is shared and kept out of ``state_dict`` (and so out of checkpoints). ``state_dict``
+    (caffe only): load these official-layout weights into a private network instead of looking up
+    ``vgg19_conv.pth``.
     """
 
-    def __init__(self, backbone: str, layers: Sequence[str], settings: BackboneSettings, purpose: str = "VGG19"):
+    def __init__(self, backbone: str, layers: Sequence[str], settings: BackboneSettings, purpose: str = "VGG19",
+                 state_dict: Optional[Mapping[str, torch.Tensor]] = None):
         super().__init__()
         self.backbone = backbone
         self.layers: List[str] = list(layers)
-        if backbone == "torchvision":
+        if state_dict is not None:
+            # Given weights (e.g. an official-format state dict in a parity check): a private,
+            # uncached network with the state dict's dtype; provenance is the caller's business.
+            if backbone != "caffe":
+                raise ValueError(f"{purpose}: state_dict is only supported for the caffe backbone, not {backbone!r}")
+            dtype = next(iter(state_dict.values())).dtype
+            net = _frozen(CaffeVGG19(_num_convs(self.layers)).to(dtype), state_dict, "the given state dict")
+            object.__setattr__(self, "_caffe", net)
+            self.provenance = "given state dict"
+        elif backbone == "torchvision":
             # VGGFeatures keeps its shared convs unregistered itself; registering it only lets
             # .to(device) move its normalisation buffers.
             self.tv = VGGFeatures(self.layers, settings, purpose)
