@@ -2,7 +2,7 @@
 perceptual loss and KL divergence, with the official code's weightings."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +14,14 @@ from methods.common.vgg import VGGFeatures
 
 def hinge_d_loss(real: List[List[torch.Tensor]], fake: List[List[torch.Tensor]]) -> torch.Tensor:
     """Discriminator hinge loss, averaged over scales."""
-    loss = 0.0
-    for r, f in zip(real, fake):
-        loss = loss + F.relu(1 - r[-1]).mean() + F.relu(1 + f[-1]).mean()
-    return loss / len(real)
+    return sum(hinge_d_terms(real, fake))
+
+
+def hinge_d_terms(real: List[List[torch.Tensor]], fake: List[List[torch.Tensor]]):
+    """The two terms of ``hinge_d_loss``, each averaged over scales: (mean relu(1 - real logits),
+    mean relu(1 + fake logits)) -- the official ``D_real`` and ``D_Fake``."""
+    n = len(real)
+    return (sum(F.relu(1 - r[-1]).mean() for r in real) / n, sum(F.relu(1 + f[-1]).mean() for f in fake) / n)
 
 
 def hinge_g_loss(fake: List[List[torch.Tensor]]) -> torch.Tensor:
@@ -35,15 +39,23 @@ def feature_matching_loss(real: List[List[torch.Tensor]], fake: List[List[torch.
 
 
 class VGGLoss(nn.Module):
-    """SPADE's perceptual loss: L1 of VGG19 relu1_1..relu5_1 with weights 1/32 .. 1."""
+    """SPADE's perceptual loss: L1 of VGG19 relu1_1..relu5_1 with weights 1/32 .. 1 (the sum; the
+    caller applies lambda_vgg).
+
+    ``imagenet_normalize=False`` (default) is the official SPADE loss: the [-1, 1] images go into
+    torchvision's VGG19 as they are, without the ImageNet mean/std the weights were trained with.
+    ``features`` replaces the shared pretrained VGG19 (see ``VGGFeatures``).
+    """
 
     LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 
     def __init__(self, settings: BackboneSettings, layers: Sequence[str] = LAYERS,
-                 weights: Sequence[float] = WEIGHTS):
+                 weights: Sequence[float] = WEIGHTS, imagenet_normalize: bool = False,
+                 features: Optional[nn.Module] = None):
         super().__init__()
-        self.vgg = VGGFeatures(layers, settings, purpose="the VGG perceptual loss")
+        self.vgg = VGGFeatures(layers, settings, purpose="the VGG perceptual loss",
+                               imagenet_normalize=imagenet_normalize, features=features)
         self.weights = dict(zip(layers, weights))
 
     @property
@@ -56,4 +68,6 @@ class VGGLoss(nn.Module):
 
 
 def kld_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) summed over the batch and the code (the official
+    ``KLDLoss``: not averaged over the batch)."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
