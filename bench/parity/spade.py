@@ -37,7 +37,6 @@ from methods.spade.model import SPADEMethod
 def run(fx: Fixture) -> Dict[str, torch.Tensor]:
     official = {net: fx.state_dict(net) for net in fx.networks if net in NETWORKS}
     converted = convert(official, fx.run_options)
-    del official
     r = _Run(fx, converted, _build(fx, converted))
     names = set(fx.outputs)
     out: Dict[str, torch.Tensor] = {}
@@ -60,7 +59,7 @@ def _build(fx: Fixture, converted: Converted) -> SPADEMethod:
         for prefix in NETWORK_PREFIXES[net]:
             getattr(method, prefix.rstrip(".")).to_empty(device="cpu")
     method.to(fx.dtype)
-    if "vgg19" in fx.networks:
+    if "vgg19" in fx.networks and method.vgg_loss is not None:
         features = vgg19_features(fx.state_dict("vgg19")).to(fx.dtype)
         method.vgg_loss = VGGLoss(BackboneSettings(), imagenet_normalize=method.options.vgg_imagenet_norm,
                                   features=features)

@@ -110,7 +110,7 @@ class SPADEDecoder(nn.Module):
 
     ``num_upsampling_layers`` (official option): ``normal`` upsamples 5 times (the input map is
     1/32 of the output), ``more`` 6 (one more between the middle blocks), ``most`` 7 (also
-    ``up_4``, to ngf/2 channels, at the end). ``UPSAMPLINGS[mode]`` gives the count.
+    ``up_4``, to ngf/2 channels, at the end).
     """
 
     UPSAMPLINGS = {"normal": 5, "more": 6, "most": 7}
@@ -118,9 +118,7 @@ class SPADEDecoder(nn.Module):
     def __init__(self, ngf: int, label_nc: int, num_upsampling_layers: str = "normal", hidden: int = 128,
                  norm: str = "batch"):
         super().__init__()
-        if num_upsampling_layers not in self.UPSAMPLINGS:
-            raise ValueError(f"num_upsampling_layers must be one of {sorted(self.UPSAMPLINGS)}, "
-                             f"got {num_upsampling_layers!r}")
+        self.downsampling(num_upsampling_layers)  # raises on an unknown mode
         self.mode = num_upsampling_layers
         block = lambda fin, fout: SPADEResBlock(fin, fout, label_nc, hidden, norm)  # noqa: E731
         self.head_0 = block(16 * ngf, 16 * ngf)
@@ -135,6 +133,14 @@ class SPADEDecoder(nn.Module):
             self.up_4 = block(ngf, ngf // 2)
             final_nc = ngf // 2
         self.conv_img = nn.Conv2d(final_nc, 3, 3, padding=1)
+
+    @classmethod
+    def downsampling(cls, num_upsampling_layers: str) -> int:
+        """How much smaller than the output the input map is (2 ** upsamplings)."""
+        if num_upsampling_layers not in cls.UPSAMPLINGS:
+            raise ValueError(f"num_upsampling_layers must be one of {sorted(cls.UPSAMPLINGS)}, "
+                             f"got {num_upsampling_layers!r}")
+        return 2 ** cls.UPSAMPLINGS[num_upsampling_layers]
 
     @staticmethod
     def up(x: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ def resolve_options(options: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[st
         problems.append(f"norm_G={norm_g!r} (supported: spectralspade{{syncbatch,batch,instance}}3x3)")
     crop = int(_require(o, "crop_size"))
     use_vae = bool(o.get("use_vae", False))
-    down = 2 ** SPADEDecoder.UPSAMPLINGS.get(mode, 5)
+    down = SPADEDecoder.downsampling(mode) if mode in SPADEDecoder.UPSAMPLINGS else 1
     if crop % down:
         problems.append(f"crop_size={crop} is not a multiple of {down}")
     if use_vae and crop < 256:

@@ -128,10 +128,7 @@ class SPADEMethod(ExemplarMethod):
                                      ("eval_z", o.eval_z, ("sample", "mean"))):
             if value not in allowed:
                 raise ValueError(f"spade: {name} must be one of {allowed}, got {value!r}")
-        if o.num_upsampling_layers not in SPADEDecoder.UPSAMPLINGS:
-            raise ValueError(f"spade: num_upsampling_layers must be one of {sorted(SPADEDecoder.UPSAMPLINGS)}, "
-                             f"got {o.num_upsampling_layers!r}")
-        down = 2 ** SPADEDecoder.UPSAMPLINGS[o.num_upsampling_layers]
+        down = SPADEDecoder.downsampling(o.num_upsampling_layers)
         if r < down or r % down:
             raise ValueError(f"spade: resolution must be a multiple of {down} (num_upsampling_layers "
                              f"{o.num_upsampling_layers!r}), got {r}")
