@@ -2,7 +2,7 @@
 perceptual loss and KL divergence, with the official code's weightings."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +42,23 @@ def feature_matching_loss(real: List[List[torch.Tensor]], fake: List[List[torch.
 
 
 class VGGLoss(nn.Module):
-    """SPADE's perceptual loss: L1 of VGG19 relu1_1..relu5_1 with weights 1/32 .. 1."""
+    """SPADE's perceptual loss: L1 of VGG19 relu1_1..relu5_1 with weights 1/32 .. 1 (the sum; the
+    caller applies lambda_vgg).
+
+    ``imagenet_normalize=False`` (default) is the official SPADE loss: the [-1, 1] images go into
+    torchvision's VGG19 as they are, without the ImageNet mean/std the weights were trained with.
+    ``features`` replaces the shared pretrained VGG19 (see ``VGGFeatures``).
+    """
 
     LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 
     def __init__(self, settings: BackboneSettings, layers: Sequence[str] = LAYERS,
-                 weights: Sequence[float] = WEIGHTS):
+                 weights: Sequence[float] = WEIGHTS, imagenet_normalize: bool = False,
+                 features: Optional[nn.Module] = None):
         super().__init__()
-        self.vgg = VGGFeatures(layers, settings, purpose="the VGG perceptual loss")
+        self.vgg = VGGFeatures(layers, settings, purpose="the VGG perceptual loss",
+                               imagenet_normalize=imagenet_normalize, features=features)
         self.weights = dict(zip(layers, weights))
 
     @property
@@ -63,4 +71,6 @@ class VGGLoss(nn.Module):
 
 
 def kld_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) summed over the batch and the code (the official
+    ``KLDLoss``: not averaged over the batch)."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())

@@ -103,34 +103,54 @@ class SPADEResBlock(nn.Module):
 
 
 class SPADEDecoder(nn.Module):
-    """The SPADE generator trunk: from an ``sh x sw`` feature map up to the output resolution.
+    """SPADE's generator after its ``fc`` (official ``SPADEGenerator``), with the official block
+    names: ``head_0``, ``G_middle_0``, ``G_middle_1``, ``up_0`` .. ``up_3`` (+ ``up_4``) and
+    ``conv_img``; channels 16, 16, 16, 8, 4, 2, 1 (, 1/2) x ngf; nearest x2 upsampling; every SPADE
+    block zero-padded with spectral-norm convs; ``tanh(conv_img(leaky_relu(x, 0.2)))`` at the end.
 
-    Channels follow SPADE's 16, 16, 16, 8, 4, 2, 1 x ngf schedule; the number of upsamplings is
-    ``num_up`` so any power-of-two resolution works (5 at 256x256: start at 8x8).
+    ``num_upsampling_layers`` (official option): ``normal`` upsamples 5 times (the input map is
+    1/32 of the output), ``more`` 6 (one more between the middle blocks), ``most`` 7 (also
+    ``up_4``, to ngf/2 channels, at the end).
     """
 
-    def __init__(self, ngf: int, label_nc: int, num_up: int = 5, hidden: int = 128, norm: str = "batch"):
+    UPSAMPLINGS = {"normal": 5, "more": 6, "most": 7}
+
+    def __init__(self, ngf: int, label_nc: int, num_upsampling_layers: str = "normal", hidden: int = 128,
+                 norm: str = "batch"):
         super().__init__()
-        self.num_up = num_up
-        mult = [16, 16, 16, 8, 4, 2, 1]
-        # num_up counts every x2 upsampling; SPADE applies one between head and middle blocks.
-        self.head = SPADEResBlock(16 * ngf, 16 * ngf, label_nc, hidden, norm)
-        self.middle = nn.ModuleList([SPADEResBlock(16 * ngf, 16 * ngf, label_nc, hidden, norm) for _ in range(2)])
-        ups = []
-        chans = [16 * ngf] + [m * ngf for m in mult[3:]]
-        for i in range(num_up - 1):
-            cin, cout = chans[min(i, len(chans) - 1)], chans[min(i + 1, len(chans) - 1)]
-            ups.append(SPADEResBlock(cin, cout, label_nc, hidden, norm))
-        self.ups = nn.ModuleList(ups)
-        out_c = chans[min(num_up - 1, len(chans) - 1)]
-        self.conv_img = nn.Conv2d(out_c, 3, 3, padding=1)
+        self.downsampling(num_upsampling_layers)  # raises on an unknown mode
+        self.mode = num_upsampling_layers
+        block = lambda fin, fout: SPADEResBlock(fin, fout, label_nc, hidden, norm)  # noqa: E731
+        self.head_0 = block(16 * ngf, 16 * ngf)
+        self.G_middle_0 = block(16 * ngf, 16 * ngf)
+        self.G_middle_1 = block(16 * ngf, 16 * ngf)
+        self.up_0 = block(16 * ngf, 8 * ngf)
+        self.up_1 = block(8 * ngf, 4 * ngf)
+        self.up_2 = block(4 * ngf, 2 * ngf)
+        self.up_3 = block(2 * ngf, ngf)
+        final_nc = ngf
+        if self.mode == "most":
+            self.up_4 = block(ngf, ngf // 2)
+            final_nc = ngf // 2
+        self.conv_img = nn.Conv2d(final_nc, 3, 3, padding=1)
+
+    @classmethod
+    def downsampling(cls, num_upsampling_layers: str) -> int:
+        """How much smaller than the output the input map is (2 ** upsamplings)."""
+        if num_upsampling_layers not in cls.UPSAMPLINGS:
+            raise ValueError(f"num_upsampling_layers must be one of {sorted(cls.UPSAMPLINGS)}, "
+                             f"got {num_upsampling_layers!r}")
+        return 2 ** cls.UPSAMPLINGS[num_upsampling_layers]
+
+    @staticmethod
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        x = self.head(x, seg)
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = self.middle[0](x, seg)
-        x = self.middle[1](x, seg)
-        for block in self.ups:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = block(x, seg)
+        x = self.G_middle_0(self.up(self.head_0(x, seg)), seg)
+        if self.mode in ("more", "most"):
+            x = self.up(x)
+        x = self.G_middle_1(x, seg)
+        for block in (self.up_0, self.up_1, self.up_2, self.up_3) + ((self.up_4,) if self.mode == "most" else ()):
+            x = block(self.up(x), seg)
         return torch.tanh(self.conv_img(F.leaky_relu(x, 2e-1)))
