@@ -16,7 +16,7 @@ VGG features come as ``{layer: tensor}`` with the torchvision-style names ``relu
 from __future__ import annotations
 
 import sys
-from typing import Dict, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -101,11 +101,3 @@ def style_loss(f_out: Mapping[str, torch.Tensor], f_exemplar: Mapping[str, torch
             a, b = F.avg_pool2d(a, pool), F.avg_pool2d(b, pool)
         total = total + weight * contextual_loss(a, b)
     return total
-
-
-def total_loss(terms: Dict[str, torch.Tensor], perc_weight: float, with_context: bool) -> torch.Tensor:
-    """The official ``Loss``: 10 loss_domain + loss_fb + w_perc loss_perc + loss_feat + original_loss
-    + loss_fb_iterative (+ loss_context after the warm-up)."""
-    loss = (terms["loss_domain"] * 10 + terms["loss_fb"] + terms["loss_perc"] * perc_weight + terms["loss_feat"]
-            + terms["original_loss"] + terms["loss_fb_iterative"])
-    return loss + terms["loss_context"] if with_context else loss

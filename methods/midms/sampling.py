@@ -138,7 +138,7 @@ def sample_from(eps_fn: EpsFn, q: QSchedule, tables: DDIMTables, x0: torch.Tenso
 def ldm_schedule(beta_start: float, beta_end: float, num_timesteps: int):
     """LDM ``register_schedule('linear')``: betas = linspace(sqrt(start), sqrt(end))^2 in float64,
     buffers cast to float32. Returns (QSchedule, float32 alphas_cumprod)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64, device="cpu") ** 2
     ac = torch.cumprod(1.0 - betas, dim=0)
     return QSchedule(ac.sqrt().float(), (1.0 - ac).sqrt().float()), ac.float()
 
@@ -147,7 +147,7 @@ def ddim_tables(alphas_cumprod: torch.Tensor, num_steps: int, eta: float) -> DDI
     """``DDIMSampler.make_schedule(num_steps, 'uniform', eta)`` on float32 ``alphas_cumprod``; the
     square roots are numpy's, as official (torch's CPU sqrt can differ from it by an ulp)."""
     total = alphas_cumprod.shape[0]
-    ts = torch.arange(0, total, total // num_steps) + 1
+    ts = torch.arange(0, total, total // num_steps, device="cpu") + 1
     alphas = alphas_cumprod[ts]
     prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ts[:-1]]]).double()
     # official (1 - prev) / (1 - alphas): numpy / tensor is torch's __rtruediv__, a float32 reciprocal times
