@@ -3,13 +3,14 @@ stage and the DDIM schedules. ``CASES[name](fx) -> {official output name: full t
 ``bench/parity/midms.py`` dispatches a fixture to the case its name ends with.
 
 Each case builds our diffusers modules from the LDM config the fixture's weights were made for
-(identified by their shapes among the known LDM configs: the fixtures carry the official
-checkpoint layout, not the config), loads the converted filled weights and runs in float64 (the
-fixture's dtype) unless an output says otherwise.
+(identified by their shapes among the known LDM configs -- the fixtures carry the official
+checkpoint layout, not the config -- or, without weights, by the official ``--benchmark``), loads
+the converted filled weights and runs in the fixture's dtype unless an output says otherwise.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Callable, Dict, Iterator, Mapping
 
 import torch
@@ -17,7 +18,9 @@ from torch import nn
 
 from bench.parity.fixtures import Fixture
 from methods.common.convert import strip_prefix
-from methods.midms.ldm_convert import FIRST_STAGE_PREFIX, UNET_PREFIX, LDMSpec, ldm_config_for
+from methods.midms import schedule as sch
+from methods.midms.ldm_convert import (FIRST_STAGE_PREFIX, UNET_PREFIX, LDMSpec, ldm_config_for,
+                                       ldm_config_for_benchmark)
 
 
 @contextlib.contextmanager
@@ -83,4 +86,29 @@ def vq_f4(fx: Fixture) -> Dict[str, torch.Tensor]:
     return out
 
 
-CASES: Dict[str, Callable[[Fixture], Dict[str, torch.Tensor]]] = {"unet_eps": unet_eps, "vq_f4": vq_f4}
+def ddim_schedule(fx: Fixture) -> Dict[str, torch.Tensor]:
+    """LDM's schedule buffers (``ldm/``), the DDIM tables of every ``ddim<S>_eta<eta>/`` the fixture
+    stores, and the timesteps of MIDMs' interleaved loop and of its final sampler."""
+    schedule = sch.ldm_schedule(LDMSpec.from_config(ldm_config_for_benchmark(fx.run_options["benchmark"])).params)
+    out: Dict[str, torch.Tensor] = {f"ldm/{k}": getattr(schedule, k) for k in (
+        "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")}
+    for name in sorted({n.split("/", 1)[0] for n in fx.outputs}):
+        m = re.fullmatch(r"ddim(\d+)_eta([0-9.]+)", name)
+        if m:
+            t = sch.ddim_tables(schedule.alphas_cumprod, int(m[1]), float(m[2]))
+            out.update({f"{name}/{k}": getattr(t, k) for k in (
+                "ddim_timesteps", "time_range", "ddim_alphas", "ddim_alphas_prev", "ddim_sigmas",
+                "ddim_sqrt_one_minus_alphas")})
+    grid = sch.ddim_tables(schedule.alphas_cumprod, sch.INTERLEAVED_DDIM_STEPS, 0.0)
+    steps = sch.interleaved_timesteps(grid, sch.interleaved_hijack_steps(sch.INTERLEAVED_DDIM_STEPS))
+    out.update({"interleaved/t_list": steps.t_list, "interleaved/noised_at": steps.noised_at,
+                "interleaved/denoise_step": steps.denoise_step})
+    final = sch.final_sampler_steps(
+        sch.ddim_tables(schedule.alphas_cumprod, sch.FINAL_SAMPLER_STEPS, sch.FINAL_SAMPLER_ETA),
+        sch.FINAL_SAMPLER_HIJACK_STEP)
+    out.update({"final_sampler/noised_at": final.noised_at, "final_sampler/steps": final.steps})
+    return out
+
+
+CASES: Dict[str, Callable[[Fixture], Dict[str, torch.Tensor]]] = {
+    "unet_eps": unet_eps, "vq_f4": vq_f4, "ddim_schedule": ddim_schedule}

@@ -25,10 +25,9 @@ Layout traps handled here:
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from diffusers import AutoencoderKL, UNet2DModel, VQModel
@@ -134,15 +133,20 @@ class _Layout:
                          f"{self.what}{' behind ' + outer_prefix if outer_prefix else ''}")
         return {k: src.take(ldm[src.key], tuple(our_shapes[k])) for k, src in self.sources(our_shapes).items()}
 
-    def load(self, ldm: Mapping[str, torch.Tensor]) -> nn.Module:
-        """Our model carrying the converted LDM weights: built on the meta device and the weights
-        assigned (no random init of hundreds of millions of parameters only to overwrite them)."""
+    def assign(self, ours: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Our model carrying ``ours`` (our keys, e.g. ``convert``'s result): built on the meta device
+        and the tensors assigned (no random init of hundreds of millions of parameters only to
+        overwrite them)."""
         model = self.meta_model()
-        model.load_state_dict(self.convert(ldm), assign=True)
-        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        model.load_state_dict(ours, assign=True)  # strict: every parameter and persistent buffer
+        left = [n for n, t in model.named_buffers() if t.is_meta and n not in ours]
         if left:
-            raise ConversionError(f"{self.what}: no weights for {left} after conversion")
+            raise ConversionError(f"{self.what}: buffers outside the state dict stay unset: {left}")
         return model
+
+    def load(self, ldm: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Our model carrying the converted LDM weights (keys without the LDM prefix)."""
+        return self.assign(self.convert(ldm))
 
     def to_ldm(self, ours: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """LDM tensors (keys without prefix) from our state dict: the inverse of ``convert``."""
@@ -216,7 +220,7 @@ class UNetSpec(_Layout):
         spec = cls(in_channels=int(p["in_channels"]), out_channels=int(p["out_channels"]),
                    model_channels=int(p["model_channels"]), channel_mult=tuple(int(m) for m in p.get("channel_mult", (1, 2, 4, 8))),
                    num_res_blocks=int(p["num_res_blocks"]),
-                   attention_resolutions=tuple(int(r) for r in p["attention_resolutions"]),
+                   attention_resolutions=tuple(sorted(int(r) for r in p["attention_resolutions"])),
                    num_heads=int(p.get("num_heads", -1)), num_head_channels=int(p.get("num_head_channels", -1)),
                    num_heads_upsample=int(p.get("num_heads_upsample", -1)),
                    use_scale_shift_norm=bool(p.get("use_scale_shift_norm", False)),
@@ -264,6 +268,9 @@ class UNetSpec(_Layout):
                     # a fixed head width is a UNet2DModel config; a fixed head count is set in build()
                     attention_head_dim=self.num_head_channels if self.num_head_channels != -1 else None,
                     norm_num_groups=self.norm_num_groups, norm_eps=1e-5,
+                    # LDM's mid-block attention always normalises its input; diffusers drops that
+                    # GroupNorm under scale_shift unless told the groups
+                    attn_norm_num_groups=self.norm_num_groups,
                     resnet_time_scale_shift="scale_shift" if self.use_scale_shift_norm else "default",
                     add_attention=True)
 
@@ -561,6 +568,19 @@ LDM_CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 
+# The LDM each MIDMs benchmark (its --benchmark option) builds on: CelebA-HQ edge is the released
+# model (weights/celeba/pretrained/config.yaml); LSUN-Churches per the paper (LDM's churches model);
+# no DeepFashion LDM is referenced anywhere.
+BENCHMARK_LDM = {"celebahqedge": "celebahq-ldm-vq-4", "lsun_church": "lsun_churches-ldm-kl-8"}
+
+
+def ldm_config_for_benchmark(benchmark: str) -> Dict[str, Any]:
+    if benchmark not in BENCHMARK_LDM:
+        raise ConversionError(f"no known LDM config for MIDMs benchmark {benchmark!r} (known: {sorted(BENCHMARK_LDM)}); "
+                              f"give the checkpoint's config.yaml")
+    return LDM_CONFIGS[BENCHMARK_LDM[benchmark]]
+
+
 def ldm_config_for(manifest: Mapping[str, Any]) -> Dict[str, Any]:
     """The known LDM config (``LDM_CONFIGS``) whose UNet and/or first stage have exactly the keys
     and shapes of ``manifest`` (official key -> [shape, dtype], or key -> tensor; LDM's layout,
@@ -650,5 +670,5 @@ def convert_ldm_state_dict(state: Mapping[str, torch.Tensor], spec: LDMSpec, pre
                         dropped=dropped)
 
 
-__all__ = ["FIRST_STAGE_PREFIX", "FirstStageSpec", "LDM_CONFIGS", "LDMConverted", "LDMSpec", "ldm_config_for", "MIDMS_PREFIX", "SCHEDULE_BUFFERS",
+__all__ = ["BENCHMARK_LDM", "FIRST_STAGE_PREFIX", "FirstStageSpec", "LDM_CONFIGS", "LDMConverted", "LDMSpec", "ldm_config_for", "ldm_config_for_benchmark", "MIDMS_PREFIX", "SCHEDULE_BUFFERS",
            "Source", "UNET_PREFIX", "UNetSpec", "convert_ldm_state_dict", "detect_prefix"]
