@@ -58,17 +58,18 @@ def test_official_grid_positions_and_timesteps(data):
     info, _ = data
     m = make(info)
     tables = m.ddim
-    assert len(tables) == 17 and tables.timesteps[:3].tolist() == [1, 63, 125]  # 1000 // 16 = 62: 17 entries
+    assert tables.total_steps == 17 and tables.ddim_timesteps[:3].tolist() == [1, 63, 125]  # 1000 // 16 = 62: 17 entries
     expected = {0.20: ([13, 14, 15], 249, [187, 125, 63]), 0.25: ([12, 13, 14, 15], 311, [249, 187, 125, 63]),
                 0.30: ([11, 12, 13, 14, 15], 373, [311, 249, 187, 125, 63])}
     for level, (positions, noised_at, steps) in expected.items():
         o = MIDMsOptions(noise_level=level)
         assert o.positions() == positions
-        assert tables.t_at(positions[0] - 1) == noised_at and [tables.t_at(p) for p in positions] == steps
+        assert int(tables.time_range[positions[0] - 1]) == noised_at
+        assert tables.time_range[positions].tolist() == steps
     o = MIDMsOptions()
     refine = m.ddim_refine
-    assert o.refine_start() == 180 and refine.t_at(179) == 101
-    assert [refine.t_at(p) for p in range(180, 200)] == list(range(96, 0, -5))
+    assert o.refine_start() == 180 and int(refine.time_range[179]) == 101
+    assert refine.time_range[180:].tolist() == list(range(96, 0, -5))
 
 
 def test_one_step_sample_is_the_official_ddim_step(data):
@@ -83,15 +84,15 @@ def test_one_step_sample_is_the_official_ddim_step(data):
         seen.append((x, t))
         return eps
 
-    q, tables = m.q_schedule, m.ddim
+    q, tables = m.schedule, m.ddim
     first = one_step_sample(eps_fn, q, tables, x0, 12, None, lambda like: noise)
     # q_sample at time_range[11] = 311, the UNet at 249 with the coefficients of index 17 - 12 - 1 = 4
     a, s = float(q.sqrt_alphas_cumprod[311]), float(q.sqrt_one_minus_alphas_cumprod[311])
     torch.testing.assert_close(seen[0][0], a * x0 + s * noise, rtol=0, atol=1e-15)
     assert seen[0][1].tolist() == [249, 249]
-    a_t, a_prev = float(tables.alphas[4]), float(tables.alphas_prev[4])
-    assert int(tables.timesteps[4]) == 249 and int(tables.timesteps[3]) == 187
-    pred_x0 = (seen[0][0] - float(tables.sqrt_one_minus_alphas[4]) * eps) / math.sqrt(a_t)
+    a_t, a_prev = float(tables.ddim_alphas[4]), float(tables.ddim_alphas_prev[4])
+    assert int(tables.ddim_timesteps[4]) == 249 and int(tables.ddim_timesteps[3]) == 187
+    pred_x0 = (seen[0][0] - float(tables.ddim_sqrt_one_minus_alphas[4]) * eps) / math.sqrt(a_t)
     torch.testing.assert_close(first.pred_x0, pred_x0, rtol=0, atol=1e-14)
     torch.testing.assert_close(first.x_prev, math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev) * eps,
                                rtol=0, atol=1e-14)
@@ -113,7 +114,7 @@ def test_refinement_draws_one_noise_per_step_and_returns_the_last_x0(data):
 
     steps = []
     x0 = torch.randn(1, 3, 8, 8)
-    out = sample_from(lambda x, t: torch.zeros_like(x), m.q_schedule, m.ddim_refine, x0, 180, noise, steps)
+    out = sample_from(lambda x, t: torch.zeros_like(x), m.schedule, m.ddim_refine, x0, 180, noise, steps)
     assert len(draws) == 1 + 20 and [s.t for s in steps] == list(range(96, 0, -5))
     torch.testing.assert_close(out, steps[-1].pred_x0)
 
@@ -130,7 +131,7 @@ def test_generate_runs_the_documented_steps_from_the_noised_warp(data):
     with torch.no_grad():
         z_ref = m._latent(batch["exemplar"])
         warped = m.match(batch["cond"], batch["exemplar_cond"], z_ref).warped_ref
-        start = m.q_schedule.q_sample(warped, 311, m._noise(batch)(warped))
+        start = m.schedule.q_sample(warped, 311, m._noise(batch)(warped))
     torch.testing.assert_close(seen[0][0], start)
     assert out.output.shape == (2, 3, RES, RES) and out.output.abs().max() <= 1
 
@@ -434,7 +435,7 @@ def test_pretrained_ldm_is_loaded_with_provenance(data, tmp_path):
     sha = file_sha256(tmp_path / "ldm" / "unet" / "diffusion_pytorch_model.safetensors")
     assert m.provenance["ldm.unet"] == f"sha256:{sha}" and m.provenance["ldm.vqvae"].startswith("sha256:")
     assert torch.equal(m.unet.conv_in.weight, unet.conv_in.weight)
-    assert float(m.latent_scale) == 1.0 and m.ddim.t_at(12) == 249  # its schedule: LDM's linear 0.0015 -> 0.0195
+    assert float(m.latent_scale) == 1.0 and int(m.ddim.time_range[12]) == 249  # its schedule: LDM's linear 0.0015 -> 0.0195
     losses = m.train_step(batch, 0)
     assert "L_diff" not in losses  # pretrained prior: UNet frozen during the warm-up (official)
     assert all(p.grad is None for p in m.unet.parameters())

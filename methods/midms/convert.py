@@ -26,9 +26,9 @@ import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import yaml
 
 from methods.common.convert import ConversionError, Converted, Release, format_key_problems
+from methods.midms.components import ldm_spec
 from methods.midms.ldm_convert import (LDM_CONFIGS, LDMSpec, MIDMS_PREFIX, convert_ldm_state_dict, detect_prefix,
                                        ldm_config_for)
 from methods.midms.matching import MatchingNetworks
@@ -132,17 +132,12 @@ def _check_matching(ours: Mapping[str, torch.Tensor], sizes: Mapping[str, Any], 
 
 
 def _ldm_spec(options: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> LDMSpec:
-    """The LDM config: ``options["ldm_config"]`` as a parsed config, a name in ``LDM_CONFIGS`` or a
-    readable ``config.yaml``; otherwise (e.g. the release's relative path) the known config the
-    weights' keys and shapes fit."""
+    """The LDM config: ``options["ldm_config"]`` when it is a parsed config, a name in
+    ``LDM_CONFIGS`` or a readable ``config.yaml``; otherwise (e.g. the release's relative path) the
+    known config the weights' keys and shapes fit."""
     given = options.get("ldm_config")
-    if isinstance(given, Mapping):
-        return LDMSpec.from_config(given)
-    if isinstance(given, str) and given in LDM_CONFIGS:
-        return LDMSpec.from_config(LDM_CONFIGS[given])
-    if isinstance(given, str) and os.path.isfile(given):
-        with open(given) as f:
-            return LDMSpec.from_config(yaml.safe_load(f))
+    if isinstance(given, Mapping) or (isinstance(given, str) and (given in LDM_CONFIGS or os.path.isfile(given))):
+        return ldm_spec(given)
     return LDMSpec.from_config(ldm_config_for(weights))
 
 

@@ -38,8 +38,8 @@ from methods.midms.components import (LatentDiffusionParts, build_first_stage, b
 from methods.midms.matching import (MASK_CHECKS, MatchingNetworks, centre_normalise, confidence_mask, correlation,
                                     soft_warp)
 from methods.midms.recipes import RECIPES
-from methods.midms.sampling import (Carry, DDIMTables, NoiseFn, QSchedule, Step, ddim_tables, ldm_schedule,
-                                    one_step_sample, sample_from)
+from methods.midms.sampling import Carry, NoiseFn, Step, one_step_sample, sample_from
+from methods.midms.schedule import DDIMTables, LDMSchedule, ddim_tables, interleaved_hijack_steps, ldm_schedule
 from methods.registry import METHODS
 
 FIRST_STAGE_SEED_OFFSET = 7_919  # keeps the first stage's per-step seeds apart from the sampling generators'
@@ -184,9 +184,6 @@ class MIDMsOptions:
             if not ok:
                 raise ValueError(f"midms options: {msg}")
         n = len(self.positions())
-        if n < 1:
-            raise ValueError(f"midms options: noise_level {self.noise_level} x num_inference_steps "
-                             f"{self.num_inference_steps} rounds to 0 denoising steps")
         if self.use_diffusion and self.recurrent_matching:
             bad = [k for k in self.rematch_steps if not 1 <= k < n]
             if bad:
@@ -194,11 +191,15 @@ class MIDMsOptions:
                                  f"{self.noise_level} gives {n} denoising steps; step 0 has no x0 estimate yet)")
 
     def positions(self) -> List[int]:
-        """The grid positions the interleaved chain denoises: the official t_list generalised,
-        ``[S - n, S)`` with n = round(noise_level * S) (S = 16, 25 %: [12, 13, 14, 15])."""
-        s = self.num_inference_steps
-        n = min(int(round(self.noise_level * s)), s - 1)  # position 0 has no grid step above it to noise at
-        return list(range(s - n, s))
+        """The grid positions the interleaved chain denoises: the official t_list generalised to
+        the last n = round(noise_level * S) positions before the grid's final one (S = 16, 25 %:
+        [12, 13, 14, 15])."""
+        n = int(round(self.noise_level * self.num_inference_steps))
+        try:
+            return interleaved_hijack_steps(self.num_inference_steps, n)
+        except ValueError as exc:
+            raise ValueError(f"midms options: noise_level {self.noise_level} x num_inference_steps "
+                             f"{self.num_inference_steps}: {exc}") from None
 
     def refine_start(self) -> int:
         """Official hijack_step of the refinement sampler: 200 - round(0.1 * 200) = 180."""
@@ -248,7 +249,7 @@ class MIDMsMethod(ExemplarMethod):
         self.provenance.update(parts.provenance)
         self.first_stage = parts.first_stage.requires_grad_(False)
         self.unet = parts.unet
-        self.q_schedule, self.ddim, self.ddim_refine = self._schedules(parts, o)
+        self.schedule, self.ddim, self.ddim_refine = self._schedules(parts, o)
         factor = 2 ** (len(self.first_stage.config.block_out_channels) - 1)
         if ctx.resolution % factor:
             raise ValueError(f"midms: resolution {ctx.resolution} is not divisible by the first stage's "
@@ -315,20 +316,18 @@ class MIDMsMethod(ExemplarMethod):
         return load_pretrained_ldm(path, "leading", False, need_unet=o.use_diffusion)
 
     @staticmethod
-    def _schedules(parts: LatentDiffusionParts, o: MIDMsOptions) -> Tuple[QSchedule, DDIMTables, DDIMTables]:
-        """LDM's q_sample buffers and the two official DDIM tables (interleaved: S steps, eta 0;
-        refinement: ``refine_steps``, ``refine_eta``). A diffusers LDM's scheduler config gives the
-        betas (diffusers' ``scaled_linear`` is LDM's ``linear``)."""
-        start, end, total = o.beta_start, o.beta_end, o.num_train_timesteps
-        if parts.scheduler is not None:
-            cfg = parts.scheduler.config
-            if cfg.get("beta_schedule") != "scaled_linear" or cfg.get("trained_betas") is not None:
-                raise ValueError(f"midms: the pretrained LDM's scheduler has beta_schedule "
-                                 f"{cfg.get('beta_schedule')!r}; only LDM's linear (diffusers scaled_linear) is supported")
-            start, end, total = cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"]
-        q, alphas_cumprod = ldm_schedule(start, end, total)
-        return (q, ddim_tables(alphas_cumprod, o.num_inference_steps, 0.0),
-                ddim_tables(alphas_cumprod, o.refine_steps, o.refine_eta))
+    def _schedules(parts: LatentDiffusionParts, o: MIDMsOptions) -> Tuple[LDMSchedule, DDIMTables, DDIMTables]:
+        """LDM's schedule (q_sample) and the two official DDIM tables (interleaved: S steps, eta 0;
+        refinement: ``refine_steps``, ``refine_eta``): a pretrained LDM's own betas, else the
+        options' LDM "linear" schedule."""
+        with torch.device("cpu"):  # small tables, computed with numpy: also when the model is built on meta
+            if parts.scheduler is not None:
+                schedule = _schedule_of(parts.scheduler.config)
+            else:
+                schedule = ldm_schedule({"timesteps": o.num_train_timesteps, "linear_start": o.beta_start,
+                                         "linear_end": o.beta_end})
+            return (schedule, ddim_tables(schedule.alphas_cumprod, o.num_inference_steps, 0.0),
+                    ddim_tables(schedule.alphas_cumprod, o.refine_steps, o.refine_eta))
 
     def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         opts = {"match": self.opt_match, "unet": self.opt_unet, "ae": self.opt_ae}
@@ -410,7 +409,7 @@ class MIDMsMethod(ExemplarMethod):
         at step ``original_idx`` one step from the noised ground-truth latent (``original_loss``).
         Noise is drawn from ``noise_fn`` in the official order (per step: exemplar, ground truth,
         original)."""
-        o, q, tables = self.options, self.q_schedule, self.ddim
+        o, q, tables = self.options, self.schedule, self.ddim
         rematching = self.matching.f_y_iter is not None
         out = Chains(x0_ref=mt.warped_ref, x0_src=mt.warped_src)
         _put(record, "debug/pred_ref_x0", mt.warped_ref)
@@ -451,7 +450,7 @@ class MIDMsMethod(ExemplarMethod):
     def refine(self, x0: torch.Tensor, noise_fn: NoiseFn) -> torch.Tensor:
         """The official inference refinement (``copied_diffusion_sampler.sample(200, eta=1,
         hijack_step=180)``): re-noise, run the rest of the stochastic grid, return its last x0."""
-        return sample_from(self._eps, self.q_schedule, self.ddim_refine, x0, self.options.refine_start(), noise_fn)
+        return sample_from(self._eps, self.schedule, self.ddim_refine, x0, self.options.refine_start(), noise_fn)
 
     # ---- losses ---------------------------------------------------------------------------------------
     def loss_terms(self, batch: Dict[str, torch.Tensor], joint: bool, noise_fn: NoiseFn,
@@ -582,12 +581,10 @@ class MIDMsMethod(ExemplarMethod):
         """LDM's eps-MSE on the latent ``z0`` at t uniform in [0, the interleaved chain's noising
         timestep] (the noise levels MIDMs evaluates): the paper's L_diff (Eq. 17) and the prior of
         a from-scratch UNet."""
-        t_max = self.ddim.t_at(self.options.positions()[0] - 1)
+        t_max = int(self.ddim.time_range[self.options.positions()[0] - 1])
         t = torch.randint(0, t_max + 1, (z0.shape[0],), device=z0.device)
         noise = torch.randn_like(z0)
-        a = self.q_schedule.sqrt_alphas_cumprod.to(z0)[t].view(-1, 1, 1, 1)
-        s = self.q_schedule.sqrt_one_minus_alphas_cumprod.to(z0)[t].view(-1, 1, 1, 1)
-        return F.mse_loss(self._eps(a * z0 + s * noise, t), noise)
+        return F.mse_loss(self._eps(self.schedule.q_sample(z0, t, noise), t), noise)
 
     @torch.no_grad()
     def _measure_latent_scale(self, images: torch.Tensor) -> None:
@@ -684,6 +681,20 @@ class MIDMsMethod(ExemplarMethod):
         self.last_trace = {"phase": "generate", "refined": info["refined"],
                            "mask_fractions": info.get("mask_fractions", [])}
         return MethodOutput(output=self._image(latent).clamp(-1, 1), warps=warps)
+
+
+def _schedule_of(config: Dict[str, Any]) -> LDMSchedule:
+    """LDM's schedule from a diffusers scheduler config: its ``trained_betas`` (an LDM converted by
+    ``components``), or diffusers' ``scaled_linear`` (LDM's "linear") / ``linear`` (LDM's
+    "sqrt_linear")."""
+    if config.get("trained_betas") is not None:
+        return LDMSchedule.from_betas(torch.as_tensor(config["trained_betas"], dtype=torch.float64))
+    names = {"scaled_linear": "linear", "linear": "sqrt_linear"}
+    if config.get("beta_schedule") not in names:
+        raise ValueError(f"midms: the pretrained LDM's scheduler has beta_schedule {config.get('beta_schedule')!r}; "
+                         f"supported: {sorted(names)}")
+    return ldm_schedule({"timesteps": config["num_train_timesteps"], "linear_start": config["beta_start"],
+                         "linear_end": config["beta_end"], "beta_schedule": names[config["beta_schedule"]]})
 
 
 def _record_step(record: Record, position: int, chain: str, step: Step) -> None:
