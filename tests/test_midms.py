@@ -22,7 +22,7 @@ from methods.common.weights import file_sha256  # noqa: E402
 from methods.midms import losses as midms_losses  # noqa: E402
 from methods.midms import model as midms_model  # noqa: E402
 from methods.midms.components import PretrainedLDMError  # noqa: E402
-from methods.midms.matching import confidence_mask, coordinate_grid, soft_warp  # noqa: E402
+from methods.midms.matching import confidence_mask, coordinate_grid  # noqa: E402
 from methods.midms.model import MIDMsMethod, MIDMsOptions  # noqa: E402
 from methods.midms.sampling import one_step_sample, sample_from  # noqa: E402
 
@@ -134,6 +134,14 @@ def test_generate_runs_the_documented_steps_from_the_noised_warp(data):
         start = m.schedule.q_sample(warped, 311, m._noise(batch)(warped))
     torch.testing.assert_close(seen[0][0], start)
     assert out.output.shape == (2, 3, RES, RES) and out.output.abs().max() <= 1
+    # the paper's Eq. 7: noised at the timestep the first step evaluates
+    paper = make(info, noise_at="first_step").eval()
+    seen.clear()
+    h = paper.unet.register_forward_pre_hook(lambda mod, args: seen.append((args[0].clone(), args[1].tolist())))
+    paper.generate(batch)
+    h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0][0], paper.schedule.q_sample(warped, 249, paper._noise(batch)(warped)))
 
 
 def test_options_reject_bad_values():

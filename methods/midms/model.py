@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import diffusers
 import torch
@@ -100,6 +100,10 @@ class MIDMsOptions:
     refine_noise_level: float = 0.1
     refine_steps: int = 200
     refine_eta: float = 1.0
+    # Where a chain's start is noised: "grid_above" = official, one grid step above its first step
+    # (t = 311 for a first step at 249; the refinement 101 for 96); "first_step" = the paper's Eq. 7
+    # (noised at the timestep the first step evaluates).
+    noise_at: str = "grid_above"
 
     # ---- matching ---------------------------------------------------------------------------------
     match_channels: int = 256  # official N_CH
@@ -169,6 +173,7 @@ class MIDMsOptions:
             (self.cond_resize in ("area", "nearest", "bilinear"), "cond_resize must be area, nearest or bilinear"),
             (self.mask_check in MASK_CHECKS, f"mask_check must be one of {list(MASK_CHECKS)}"),
             (self.diff_loss in ("x0", "eps"), "diff_loss must be 'x0' or 'eps'"),
+            (self.noise_at in ("grid_above", "first_step"), "noise_at must be 'grid_above' or 'first_step'"),
             (self.vgg_backbone in VGG_BACKBONES, f"vgg_backbone must be one of {list(VGG_BACKBONES)}"),
             (0.0 <= self.ae_fraction < 1.0, "ae_fraction must be in [0, 1)"),
             (0.0 <= self.warmup_fraction <= 1.0, "warmup_fraction must be in [0, 1]"),
@@ -313,6 +318,7 @@ class MIDMsMethod(ExemplarMethod):
 
     @staticmethod
     def _pretrained_parts(path: str, o: MIDMsOptions) -> LatentDiffusionParts:
+        # Only the returned scheduler's betas are read (_schedules): its sampling settings do not matter.
         return load_pretrained_ldm(path, "leading", False, need_unet=o.use_diffusion)
 
     @staticmethod
@@ -410,6 +416,7 @@ class MIDMsMethod(ExemplarMethod):
         Noise is drawn from ``noise_fn`` in the official order (per step: exemplar, ground truth,
         original)."""
         o, q, tables = self.options, self.schedule, self.ddim
+        above = o.noise_at == "grid_above"
         rematching = self.matching.f_y_iter is not None
         out = Chains(x0_ref=mt.warped_ref, x0_src=mt.warped_src)
         _put(record, "debug/pred_ref_x0", mt.warped_ref)
@@ -434,15 +441,15 @@ class MIDMsMethod(ExemplarMethod):
                 else:
                     out.x0_ref = rewarp
                 _put(record, f"debug/{idx}_pred_ref_x0", out.x0_ref)
-            step = one_step_sample(self._eps, q, tables, out.x0_ref, position, carry_ref, noise_fn)
+            step = one_step_sample(self._eps, q, tables, out.x0_ref, position, carry_ref, noise_fn, above)
             out.x0_ref, carry_ref = step.pred_x0, step.carry
             _record_step(record, position, "ref", step)
             if z_src is not None:
-                step = one_step_sample(self._eps, q, tables, out.x0_src, position, carry_src, noise_fn)
+                step = one_step_sample(self._eps, q, tables, out.x0_src, position, carry_src, noise_fn, above)
                 out.x0_src, carry_src = step.pred_x0, step.carry
                 _record_step(record, position, "src", step)
             if idx == original_idx:
-                step = one_step_sample(self._eps, q, tables, z_src, position, None, noise_fn)
+                step = one_step_sample(self._eps, q, tables, z_src, position, None, noise_fn, above)
                 out.original_x0 = step.pred_x0
                 _record_step(record, position, "original", step)
         return out
@@ -450,7 +457,9 @@ class MIDMsMethod(ExemplarMethod):
     def refine(self, x0: torch.Tensor, noise_fn: NoiseFn) -> torch.Tensor:
         """The official inference refinement (``copied_diffusion_sampler.sample(200, eta=1,
         hijack_step=180)``): re-noise, run the rest of the stochastic grid, return its last x0."""
-        return sample_from(self._eps, self.schedule, self.ddim_refine, x0, self.options.refine_start(), noise_fn)
+        o = self.options
+        return sample_from(self._eps, self.schedule, self.ddim_refine, x0, o.refine_start(), noise_fn,
+                           noise_above=o.noise_at == "grid_above")
 
     # ---- losses ---------------------------------------------------------------------------------------
     def loss_terms(self, batch: Dict[str, torch.Tensor], joint: bool, noise_fn: NoiseFn,
@@ -581,7 +590,8 @@ class MIDMsMethod(ExemplarMethod):
         """LDM's eps-MSE on the latent ``z0`` at t uniform in [0, the interleaved chain's noising
         timestep] (the noise levels MIDMs evaluates): the paper's L_diff (Eq. 17) and the prior of
         a from-scratch UNet."""
-        t_max = int(self.ddim.time_range[self.options.positions()[0] - 1])
+        first = self.options.positions()[0]
+        t_max = int(self.ddim.time_range[first - 1 if self.options.noise_at == "grid_above" else first])
         t = torch.randint(0, t_max + 1, (z0.shape[0],), device=z0.device)
         noise = torch.randn_like(z0)
         return F.mse_loss(self._eps(self.schedule.q_sample(z0, t, noise), t), noise)

@@ -11,7 +11,7 @@ chain, and after the last one (at inference) a 200-step stochastic sampler from 
 * the first step of a chain noises its start ``x0`` with ``q_sample`` at ``time_range[k - 1]``,
   one grid step *above* the step it evaluates (official quirk: with the "16-step" grid, which has
   17 entries because 1000 // 16 = 62, the warp is noised at t = 311 and denoised at 249, 187, 125,
-  63); later steps start from ``sqrt(a_prev) * x0 + dir_xt`` of the previous step, with ``x0``
+  63; ``noise_above=False`` noises at ``time_range[k]``, the paper's Eq. 7); later steps start from ``sqrt(a_prev) * x0 + dir_xt`` of the previous step, with ``x0``
   the (possibly re-matched) estimate -- Eq. 11 of the paper;
 * eta = 0 steps draw no noise (official: a draw multiplied by sigma = 0); eta > 0 steps do.
 
@@ -69,27 +69,34 @@ def ddim_step(eps_fn: EpsFn, tables: DDIMTables, x: torch.Tensor, position: int,
     return Step(x=x, t=t, eps=eps, x_prev=x_prev, pred_x0=pred_x0, carry=Carry(c.a_prev.sqrt(), dir_xt))
 
 
+def _noised(q: LDMSchedule, tables: DDIMTables, x0: torch.Tensor, position: int, noise_fn: NoiseFn,
+            above: bool) -> torch.Tensor:
+    """``x0`` noised for a chain whose first step is at ``position``: official ``time_range[position
+    - 1]`` (one grid step above, ``above``) or the paper's ``time_range[position]`` (Eq. 7)."""
+    if above and position < 1:
+        raise ValueError("midms: a chain's first step needs position >= 1 (it is noised one step above)")
+    return q.q_sample(x0, int(tables.time_range[position - 1 if above else position]), noise_fn(x0))
+
+
 def one_step_sample(eps_fn: EpsFn, q: LDMSchedule, tables: DDIMTables, x0: torch.Tensor, position: int,
-                    carry: Optional[Carry], noise_fn: NoiseFn) -> Step:
-    """``DDIMSampler.one_step_sample``: start from ``x0`` -- noised at ``time_range[position - 1]``
-    when the chain has no ``carry`` yet, else ``carry.sqrt_a_prev * x0 + carry.dir_xt`` -- and take
-    the step at ``position``."""
+                    carry: Optional[Carry], noise_fn: NoiseFn, noise_above: bool = True) -> Step:
+    """``DDIMSampler.one_step_sample``: start from ``x0`` -- noised (``_noised``) when the chain has
+    no ``carry`` yet, else ``carry.sqrt_a_prev * x0 + carry.dir_xt`` -- and take the step at
+    ``position``."""
     if carry is None:
-        if position < 1:
-            raise ValueError("midms: a chain's first step needs position >= 1 (it is noised one step above)")
-        x = q.q_sample(x0, int(tables.time_range[position - 1]), noise_fn(x0))
+        x = _noised(q, tables, x0, position, noise_fn, noise_above)
     else:
         x = carry.sqrt_a_prev * x0 + carry.dir_xt
     return ddim_step(eps_fn, tables, x, position, noise_fn)
 
 
 def sample_from(eps_fn: EpsFn, q: LDMSchedule, tables: DDIMTables, x0: torch.Tensor, start: int,
-                noise_fn: NoiseFn, steps: Optional[List[Step]] = None) -> torch.Tensor:
-    """``DDIMSampler.sample`` with ``hijack_feat=x0, hijack_step=start``: noise ``x0`` at
-    ``time_range[start - 1]``, run every step from ``start`` to the end, return the last x0
-    estimate (official: ``img = pred_x0``). MIDMs' inference refinement: 200 steps, eta 1, start
-    180 -> noised at t = 101, steps 96 ... 1."""
-    x = q.q_sample(x0, int(tables.time_range[start - 1]), noise_fn(x0))
+                noise_fn: NoiseFn, steps: Optional[List[Step]] = None, noise_above: bool = True) -> torch.Tensor:
+    """``DDIMSampler.sample`` with ``hijack_feat=x0, hijack_step=start``: noise ``x0`` (``_noised``),
+    run every step from ``start`` to the end, return the last x0 estimate (official: ``img =
+    pred_x0``). MIDMs' inference refinement: 200 steps, eta 1, start 180 -> noised at t = 101,
+    steps 96 ... 1."""
+    x = _noised(q, tables, x0, start, noise_fn, noise_above)
     pred_x0 = x0
     for position in range(start, tables.total_steps):
         step = ddim_step(eps_fn, tables, x, position, noise_fn)
