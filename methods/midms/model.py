@@ -215,8 +215,6 @@ class MIDMsOptions:
 class Matching:
     """The first matching: features, correlations (flat, query = condition) and warps."""
 
-    cond_l: torch.Tensor  # condition at latent size
-    ref_l: torch.Tensor  # exemplar condition at latent size
     fx: torch.Tensor  # F_X(condition) (official trg_matching_feats)
     fy: torch.Tensor  # F_Y(exemplar latent) (ref_matching_feats)
     corr_ref: torch.Tensor
@@ -379,7 +377,7 @@ class MIDMsMethod(ExemplarMethod):
         key_ref = m.phi(t_ref)
         q = centre_normalise(query)
         corr_ref = correlation(q, centre_normalise(key_ref))
-        out = Matching(cond_l, ref_l, fx, fy, corr_ref, soft_warp(z_ref, corr_ref, tau, hw))
+        out = Matching(fx, fy, corr_ref, soft_warp(z_ref, corr_ref, tau, hw))
         if z_src is not None:
             # The ground truth shares the condition's semantics (official: input_semantics).
             t_src = m.trunk(fs, cond_l)
@@ -425,11 +423,10 @@ class MIDMsMethod(ExemplarMethod):
         for idx, position in enumerate(o.positions()):
             if rematching and idx in o.rematch_steps:
                 corr, rewarp = self._rematch(out.x0_ref, mt.fx, mt.fy, z_ref, record)
-                cycles = [L.rewarp_cycle_loss(rewarp, corr, z_ref, o.tau)]
-                if z_src is not None:
+                if z_src is not None:  # training (or the official inference replayed): the cycle terms
                     corr_s, rewarp_s = self._rematch(out.x0_src, mt.fx, mt.fs, z_src, record)
-                    cycles.append(L.rewarp_cycle_loss(rewarp_s, corr_s, z_src, o.tau))
-                out.rematch_cycles += cycles
+                    out.rematch_cycles += [L.rewarp_cycle_loss(rewarp, corr, z_ref, o.tau),
+                                           L.rewarp_cycle_loss(rewarp_s, corr_s, z_src, o.tau)]
                 out.last_rewarp = rewarp
                 _put(record, f"debug/{idx}_pred_ref_x0_new", rewarp)
                 if o.confidence_masking:
