@@ -1,9 +1,9 @@
 """Benchmark MIDMs at smoke scale on CPU (64x64 embedded edge data, width 0.125, 1 thread).
 
 Measures
-  1. inference time per image: the interleaved sampler (re-matching + confidence masks) against
-     plain DDIM over the same denoising steps, and the whole ``generate`` with and without the
-     official refinement;
+  1. inference time per image: the interleaved steps (re-matching + confidence masks) against
+     plain DDIM over the same steps (both without the refinement), and the whole ``generate``
+     (with the official refinement: 20 more stochastic steps);
   2. training step time of each phase (first stage, warm-up, joint);
   3. a short training run: output L1 (the project's ``l1`` metric: uint8, 0-255 units) against
      the exact ground truth on held-out samples at step 0 and at each phase boundary.
@@ -33,7 +33,6 @@ from datasets.base import DatasetSpec  # noqa: E402
 from datasets.embedded import EmbeddedDataset  # noqa: E402
 from methods.base import BackboneSettings, MethodContext  # noqa: E402
 from methods.midms.model import MIDMsMethod, MIDMsOptions  # noqa: E402
-from methods.midms.matching import soft_warp  # noqa: E402
 
 RES, WIDTH = 64, 0.125
 
@@ -68,34 +67,24 @@ def inference_times(m: MIDMsMethod, batch, repeats: int) -> dict:
     """Seconds per image (batch of 1), the minimum over ``repeats`` alternating runs."""
     m.eval()
     one = {k: v[:1] for k, v in batch.items()}
-    z_ref = m._latent(one["exemplar"])
-    _, fx, fy, _, corr = m._initial_match(one["cond"], one["exemplar_cond"], z_ref)
-    warped = soft_warp(z_ref, corr, m.options.tau, m.latent_hw)
-    noise = torch.randn_like(warped)
-    iter_enc = m.matching.f_y_iter
 
-    def plain():  # the same sampler with re-matching off: plain DDIM over the same steps
-        m.matching.f_y_iter = None
+    def run(fn, rematch: bool = True, refine: bool = True):
+        """``fn(one)`` with re-matching and/or the refinement switched off for the call."""
+        saved = m.matching.f_y_iter, m.options.refine_noise_level
+        m.matching.f_y_iter = saved[0] if rematch else None
+        m.options.refine_noise_level = saved[1] if refine else 0.0
         try:
-            return m._diffuse(warped, z_ref, fx, fy, noise)
+            return fn(one)
         finally:
-            m.matching.f_y_iter = iter_enc
+            m.matching.f_y_iter, m.options.refine_noise_level = saved
 
-    interleaved, plain_s = timed_pair(lambda: m._diffuse(warped, z_ref, fx, fy, noise), plain, repeats)
-    refine_level = m.options.refine_noise_level
-
-    def no_refine():
-        m.options.refine_noise_level = 0.0
-        try:
-            return m.generate(one)
-        finally:
-            m.options.refine_noise_level = refine_level
-
-    gen_full, gen_no_refine = timed_pair(lambda: m.generate(one), no_refine, repeats)
-    steps = len(m._timesteps())
-    return {"denoising_steps": steps, "sampler_interleaved_s": interleaved, "sampler_plain_ddim_s": plain_s,
-            "interleave_overhead": interleaved / plain_s - 1.0, "generate_no_refine_s": gen_no_refine,
-            "generate_with_refine_s": gen_full}
+    translate = lambda batch: m.translate(batch, m._noise(batch))  # noqa: E731
+    interleaved, plain_s = timed_pair(lambda: run(translate, refine=False),
+                                      lambda: run(translate, rematch=False, refine=False), repeats)
+    gen_full, gen_no_refine = timed_pair(lambda: run(m.generate), lambda: run(m.generate, refine=False), repeats)
+    return {"denoising_steps": len(m.options.positions()), "sampler_interleaved_s": interleaved,
+            "sampler_plain_ddim_s": plain_s, "interleave_overhead": interleaved / plain_s - 1.0,
+            "generate_no_refine_s": gen_no_refine, "generate_with_refine_s": gen_full}
 
 
 @torch.no_grad()

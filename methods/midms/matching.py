@@ -12,10 +12,16 @@ Networks follow the official ``models/generator.py`` / ``models/midms.py`` (refe
 
 Correlation is cosine similarity of channel-centred features with negatives clamped to 0 (the
 official ``Correlation.correlation``); warping is a softmax over exemplar positions with
-temperature ``tau`` (Eq. 6). Correlations are kept flat, ``(B, N_query, N_source)``.
+temperature ``tau`` (Eq. 6). Correlations are kept flat, ``(B, N_query, N_source)``; the official
+code keeps them ``(B, Hq, Wq, Hs, Ws)``.
+
+The confidence mask is the official one by default: ``get_flow`` (soft-argmax maps) then
+``fbcheck``, threshold 0.5 and a 2x2 majority vote; the paper's forward-backward cycle (Eq. 10)
+is ``mask_check="cycle"`` (see ``fbcheck`` for how the two differ).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -88,27 +94,28 @@ class MatchingNetworks(nn.Module):
         self.theta = nn.Conv2d(trunk, channels, 1)
         self.phi = nn.Conv2d(trunk, channels, 1)
 
-    def _trunk(self, feats: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
+    def trunk(self, feats: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
+        """The shared ``layer`` on [features, semantics] (official maskmix; features only without)."""
         return self.layer(torch.cat([feats, semantics], dim=1) if self.maskmix else feats)
 
-    def condition_side(self, feats: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
-        return self.theta(self._trunk(feats, semantics))
 
-    def image_side(self, feats: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
-        return self.phi(self._trunk(feats, semantics))
-
-
-# ---- correlation and warping ---------------------------------------------------------------------
-def normalise_features(f: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Channel-centred, L2-normalised features (the official centring before correlation)."""
+# ---- correlation and warping (official models/midms.py, models/base/correlation.py, util/util.py) --
+def centre_normalise(f: torch.Tensor) -> torch.Tensor:
+    """Channel-centred, L2-normalised features: the official lines after theta/phi (and around
+    ``iter_enc``), ``f - f.mean(1)`` then ``f / ||f||`` -- no epsilon there."""
     f = f - f.mean(dim=1, keepdim=True)
-    return f / (f.norm(dim=1, keepdim=True) + eps)
+    return torch.div(f, torch.norm(f, 2, 1, keepdim=True))
 
 
 def correlation(query: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Cosine correlation ``(B, Hq*Wq, Hs*Ws)`` of centred features, negatives clamped to 0 (Eq. 5)."""
-    q = normalise_features(query).flatten(2)
-    s = normalise_features(source).flatten(2)
+    """``Correlation.correlation``: cosine ``(B, Hq*Wq, Hs*Ws)`` with negatives clamped to 0 (Eq. 5).
+
+    It L2-normalises again with ``+ 1e-5`` on the norm; MIDMs feeds it features that are already
+    unit-norm, so its correlations are scaled by 1/(1 + 1e-5)^2 -- kept, the warps depend on it."""
+    q = query.flatten(2)
+    s = source.flatten(2)
+    q = q / (q.norm(dim=1, p=2, keepdim=True) + 1e-5)
+    s = s / (s.norm(dim=1, p=2, keepdim=True) + 1e-5)
     return torch.bmm(q.transpose(1, 2), s).clamp(min=0)
 
 
@@ -116,8 +123,8 @@ def soft_warp(values: torch.Tensor, corr: torch.Tensor, tau: float, out_hw: Tupl
     """Eq. 6: ``out(u) = sum_v softmax_v(corr(u, v) / tau) values(v)``; values live on the source grid."""
     b, c = values.shape[:2]
     attn = F.softmax(corr / tau, dim=-1)  # (B, Nq, Ns)
-    out = torch.bmm(attn, values.flatten(2).transpose(1, 2))  # (B, Nq, C)
-    return out.transpose(1, 2).reshape(b, c, *out_hw)
+    out = torch.matmul(attn, values.reshape(b, c, -1).permute(0, 2, 1))  # (B, Nq, C)
+    return out.permute(0, 2, 1).reshape(b, c, *out_hw)
 
 
 def warp_back(values: torch.Tensor, corr: torch.Tensor, tau: float, out_hw: Tuple[int, int]) -> torch.Tensor:
@@ -126,6 +133,7 @@ def warp_back(values: torch.Tensor, corr: torch.Tensor, tau: float, out_hw: Tupl
     return soft_warp(values, corr.transpose(1, 2), tau, out_hw)
 
 
+# ---- confidence mask --------------------------------------------------------------------------------
 def coordinate_grid(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """``(h*w, 2)`` pixel positions as (x, y) in [-1, 1], corners at -1/1 (``align_corners=True``)."""
     ys = torch.linspace(-1, 1, h, device=device, dtype=dtype)
@@ -134,37 +142,79 @@ def coordinate_grid(h: int, w: int, device=None, dtype=torch.float32) -> torch.T
     return torch.stack([gx, gy], dim=-1).reshape(-1, 2)
 
 
-def soft_argmax_maps(corr: torch.Tensor, q_hw: Tuple[int, int], s_hw: Tuple[int, int], tau: float):
-    """Forward map (for each query pixel, its expected source position) ``(B, Nq, 2)`` and backward
-    map (for each source pixel, its expected query position) ``(B, Ns, 2)``, the official ``get_flow``."""
+@dataclass
+class Flow:
+    """``get_flow``: soft-argmax maps and flows, each ``(B, H, W, 2)`` as (x, y) in [-1, 1].
+    ``map_fwd`` (official ``map_trg``): for each query pixel its expected source position;
+    ``map_bwd`` (``map_src``): for each source pixel its expected query position; the flows are
+    the maps minus the pixel's own position."""
+
+    map_fwd: torch.Tensor
+    map_bwd: torch.Tensor
+    flow_fwd: torch.Tensor
+    flow_bwd: torch.Tensor
+
+
+def soft_argmax_flow(corr: torch.Tensor, q_hw: Tuple[int, int], s_hw: Tuple[int, int], tau: float) -> Flow:
+    """The official ``get_flow(corr, temp)``: softmax over the source positions (forward) and over
+    the query positions (backward), then the expected grid position."""
+    b = corr.shape[0]
     grid_q = coordinate_grid(*q_hw, device=corr.device, dtype=corr.dtype)
     grid_s = coordinate_grid(*s_hw, device=corr.device, dtype=corr.dtype)
-    fwd = torch.matmul(F.softmax(corr / tau, dim=-1), grid_s)
-    bwd = torch.matmul(F.softmax(corr / tau, dim=1).transpose(1, 2), grid_q)
-    return fwd, bwd
+    map_fwd = torch.matmul(F.softmax(corr / tau, dim=-1), grid_s).reshape(b, *q_hw, 2)
+    map_bwd = torch.matmul(F.softmax(corr / tau, dim=1).transpose(1, 2), grid_q).reshape(b, *s_hw, 2)
+    return Flow(map_fwd, map_bwd, map_fwd - grid_q.reshape(*q_hw, 2), map_bwd - grid_s.reshape(*s_hw, 2))
+
+
+def _sample(field: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """``field`` ``(B, H, W, 2)`` sampled bilinearly at positions ``at`` ``(B, h, w, 2)``."""
+    out = F.grid_sample(field.permute(0, 3, 1, 2), grid=at, mode="bilinear", align_corners=True)
+    return out.permute(0, 2, 3, 1)
+
+
+def fbcheck(flow: Flow) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The official ``fbcheck``: ``|flow_fwd(map_fwd(u)) + flow_fwd(u)|`` per query pixel (and the
+    same for the backward side), ``(B, H, W)`` each.
+
+    It samples the *forward* flow at the forward position, where a forward-backward check samples
+    the backward flow (``cycle_error``): a pure translation by d comes out as |2d|, not 0 -- on a
+    3-pixel shift of an 8x8 map it keeps 25 % of the pixels. MIDMs' released weights were trained
+    (and its numbers measured) with it, so it is the default (``mask_check="fbcheck"``)."""
+    ts = _sample(flow.flow_fwd, flow.map_fwd)
+    st = _sample(flow.flow_bwd, flow.map_bwd)
+    return (ts + flow.flow_fwd).pow(2).sum(-1).pow(0.5), (st + flow.flow_bwd).pow(2).sum(-1).pow(0.5)
+
+
+def cycle_error(flow: Flow) -> torch.Tensor:
+    """The paper's forward-backward cycle (Eq. 10) per query pixel ``(B, H, W)``: the backward
+    flow sampled at the forward position plus the forward flow, i.e. ``|psi_bwd(psi_fwd(u)) - u|``
+    (``mask_check="cycle"``; the paper writes a squared norm, the threshold is the official one)."""
+    return (_sample(flow.flow_bwd, flow.map_fwd) + flow.flow_fwd).pow(2).sum(-1).pow(0.5)
+
+
+MASK_CHECKS = ("fbcheck", "cycle")
+
+
+@dataclass
+class ConfidenceMask:
+    mask: torch.Tensor  # (B, 1, Hq, Wq) in {0, 1}, after the majority vote
+    raw: torch.Tensor  # (B, 1, Hq, Wq): error < gamma, before the vote
+    error: torch.Tensor  # (B, Hq, Wq): the checked error
+    flow: Flow
 
 
 def confidence_mask(corr: torch.Tensor, q_hw: Tuple[int, int], s_hw: Tuple[int, int], tau: float,
-                    gamma: float, majority_pool: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 10: 1 where the forward-backward cycle returns within ``gamma`` of the start, else 0.
-
-    The cycle ``u -> psi_fwd(u) -> psi_bwd(psi_fwd(u))`` samples the backward map bilinearly at the
-    forward position; the error is the Euclidean distance in normalised [-1, 1] coordinates (the
-    official threshold 0.5 is in these units; the paper writes a squared norm). The official code
-    samples the *forward* flow at the forward position instead (``fbcheck``), which flags any pure
-    translation as inconsistent; this follows the paper's definition. ``majority_pool`` is the
-    official clean-up: 2x2 average, nearest upsampling, > 0.5.
-
-    Returns ``(mask (B, 1, Hq, Wq) float, cycle error (B, 1, Hq, Wq))``.
-    """
-    b = corr.shape[0]
-    fwd, bwd = soft_argmax_maps(corr, q_hw, s_hw, tau)
-    bwd_img = bwd.transpose(1, 2).reshape(b, 2, *s_hw)
-    back = F.grid_sample(bwd_img, fwd.reshape(b, *q_hw, 2), mode="bilinear", align_corners=True)
-    start = coordinate_grid(*q_hw, device=corr.device, dtype=corr.dtype).transpose(0, 1).reshape(1, 2, *q_hw)
-    err = (back - start).norm(dim=1, keepdim=True)
-    mask = (err < gamma).to(corr.dtype)
+                    gamma: float = 0.5, check: str = "fbcheck", majority_pool: bool = True) -> ConfidenceMask:
+    """1 where the forward-backward error is below ``gamma`` (normalised [-1, 1] units; official
+    0.5), then the official clean-up (``majority_pool``): 2x2 average, nearest x2 upsampling, > 0.5
+    -- a 2x2 cell stays confident when at least 3 of its pixels are. Detached, as official."""
+    if check not in MASK_CHECKS:
+        raise ValueError(f"midms: mask_check must be one of {MASK_CHECKS}, got {check!r}")
+    flow = soft_argmax_flow(corr, q_hw, s_hw, tau)
+    error = fbcheck(flow)[0] if check == "fbcheck" else cycle_error(flow)
+    raw = (error.unsqueeze(1) < gamma).to(corr.dtype)
+    mask = raw
     if majority_pool and min(q_hw) >= 2:
-        pooled = F.avg_pool2d(mask, 2, ceil_mode=True)
+        pooled = F.avg_pool2d(raw, 2, ceil_mode=True)
         mask = (F.interpolate(pooled, size=q_hw, mode="nearest") > 0.5).to(corr.dtype)
-    return mask.detach(), err.detach()
+    return ConfidenceMask(mask.detach(), raw.detach(), error.detach(), flow)

@@ -1,107 +1,107 @@
-"""MIDMs' interleaved DDIM sampling (Eqs. 7, 9, 11) on top of diffusers' ``DDIMScheduler``.
+"""MIDMs' DDIM steps as the official ``models/diffusion/ddim.py`` takes them (LDM's DDIMSampler).
 
-Every denoising update is ``scheduler.step`` itself: interleaving only *adds* the re-matching
-correction to its output, so with re-matching off the loop is exactly diffusers' DDIM from the
-same noised latent (tests/test_midms.py checks bit-equality).
+MIDMs does not run a sampler loop: it calls ``one_step_sample`` once per interleaved step and
+chain, and after the last one (at inference) a 200-step stochastic sampler from ``hijack_step``
+180. Both are here, on the official float32 tables of ``schedule.py`` (``LDMSchedule`` for
+``q_sample``, ``DDIMTables`` for the steps):
 
-Eq. 11 at step n: ``r^n = sqrt(a_prev) * (M * R_new + (1 - M) * x0) + sqrt(1 - a_prev) * eps``.
-diffusers returns ``prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps`` (eta = 0), hence
-``r^n = prev + sqrt(a_prev) * M * (R_new - x0)``.
+* a *position* ``k`` indexes ``time_range`` (the DDIM timesteps, descending); the step at ``k``
+  evaluates the UNet at ``time_range[k]`` with the coefficients of ``index = len - k - 1`` and
+  goes to ``alphas_prev[index]`` (the next timestep);
+* the first step of a chain noises its start ``x0`` with ``q_sample`` at ``time_range[k - 1]``,
+  one grid step *above* the step it evaluates (official quirk: with the "16-step" grid, which has
+  17 entries because 1000 // 16 = 62, the warp is noised at t = 311 and denoised at 249, 187, 125,
+  63; ``noise_above=False`` noises at ``time_range[k]``, the paper's Eq. 7); later steps start from ``sqrt(a_prev) * x0 + dir_xt`` of the previous step, with ``x0``
+  the (possibly re-matched) estimate -- Eq. 11 of the paper;
+* eta = 0 steps draw no noise (official: a draw multiplied by sigma = 0); eta > 0 steps do.
 
-Noise level -> timestep: the scheduler's ``num_inference_steps``-step schedule is set, and the last
-``n = round(noise_level * num_inference_steps)`` timesteps are denoised (diffusers' img2img
-"strength", rounded rather than floored so 20/25/30/35 % stay distinct on the 16-step grid). The
-warped latent is noised to the first of them. With the defaults (T = 1000, 16 steps, trailing
-spacing): 20 % -> 3 steps from t = 187, 25 % -> 4 steps from t = 249 (the official start, whose
-steps are 249/187/125/63), 30 % -> 5 from 311, 35 % -> 6 from 374.
+Values: the table entries are float32 (official buffers); the per-step coefficients are formed in
+the latent's dtype from them (``DDIMTables.coefficients``), as the official ``torch.full(...,
+alphas[index])`` does in the default dtype.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
 
+from methods.midms.schedule import DDIMTables, LDMSchedule
 
-def denoise_timesteps(scheduler: DDIMScheduler, num_inference_steps: int, noise_level: float) -> torch.Tensor:
-    """The timesteps MIDMs denoises for ``noise_level`` (see the module docstring)."""
-    if not 0.0 < noise_level <= 1.0:
-        raise ValueError(f"midms: noise_level must be in (0, 1], got {noise_level}")
-    scheduler.set_timesteps(num_inference_steps)
-    n = int(round(noise_level * num_inference_steps))
-    if n < 1:
-        raise ValueError(f"midms: noise_level {noise_level} with {num_inference_steps} DDIM steps leaves no "
-                         f"step to denoise (round({noise_level} * {num_inference_steps}) = 0)")
-    return scheduler.timesteps[num_inference_steps - n:].clone()
-
-
-def alpha_prev(scheduler: DDIMScheduler, t: int) -> torch.Tensor:
-    """``alpha_cumprod`` of the step ``scheduler.step`` goes to from ``t`` (mirrors its step 1-2)."""
-    prev_t = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    return scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-
-
-# A re-matcher gets the current x0 estimate and the step index; returns the re-warped latent and
-# the confidence mask (None: replace everywhere, i.e. no confidence masking).
-Rematcher = Callable[[torch.Tensor, int], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+# eps_fn(x, t) -> the UNet's noise prediction; t is a (B,) long tensor.
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# noise_fn(like) -> standard normal noise shaped like ``like`` (one call per draw that matters).
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class StepRecord:
+class Carry:
+    """What the next step of a chain starts from: ``sqrt_a_prev * x0 + dir_xt`` (official ``ddim_param``)."""
+
+    sqrt_a_prev: torch.Tensor
+    dir_xt: torch.Tensor
+
+
+@dataclass
+class Step:
+    x: torch.Tensor  # the UNet input
     t: int
-    rematched: bool
-    mask_fraction: Optional[float] = None  # share of confident positions when masking ran
+    eps: torch.Tensor
+    x_prev: torch.Tensor
+    pred_x0: torch.Tensor
+    carry: Carry
 
 
-@dataclass
-class SamplerResult:
-    latent: torch.Tensor  # the final DDIM sample
-    steps: List[StepRecord] = field(default_factory=list)
-    last_rewarp: Optional[torch.Tensor] = None  # the last re-matched warp (latent), if any
+def ddim_step(eps_fn: EpsFn, tables: DDIMTables, x: torch.Tensor, position: int,
+              noise_fn: Optional[NoiseFn] = None) -> Step:
+    """``p_sample_ddim`` at ``position``: x0 estimate, direction to x_t, and x_prev."""
+    index = tables.index(position)
+    t = int(tables.time_range[position])
+    eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+    c = tables.coefficients(index, x)
+    pred_x0 = (x - c.sqrt_one_minus_at * eps) / c.a_t.sqrt()
+    dir_xt = (1.0 - c.a_prev - c.sigma_t ** 2).sqrt() * eps
+    x_prev = c.a_prev.sqrt() * pred_x0 + dir_xt
+    if float(tables.ddim_sigmas[index]) != 0.0:
+        if noise_fn is None:
+            raise ValueError("midms: a stochastic DDIM step (eta > 0) needs a noise source")
+        x_prev = x_prev + c.sigma_t * noise_fn(x)
+    return Step(x=x, t=t, eps=eps, x_prev=x_prev, pred_x0=pred_x0, carry=Carry(c.a_prev.sqrt(), dir_xt))
 
 
-def interleaved_ddim(unet: UNet2DModel, scheduler: DDIMScheduler, warped: torch.Tensor, noise: torch.Tensor,
-                     timesteps: torch.Tensor, rematch: Optional[Rematcher] = None,
-                     rematch_steps: Sequence[int] = ()) -> SamplerResult:
-    """Noise ``warped`` to ``timesteps[0]`` and run DDIM (eta = 0) over ``timesteps``.
-
-    Before step ``k`` in ``rematch_steps`` (k >= 1), the previous step's x0 estimate is re-matched
-    and the latent recomposed (Eq. 11). ``scheduler.set_timesteps`` must have been called (it is,
-    by ``denoise_timesteps``).
-    """
-    b = warped.shape[0]
-    x = scheduler.add_noise(warped, noise, timesteps[:1].repeat(b))
-    result = SamplerResult(latent=x)
-    x0 = a_prev = None
-    for k, t in enumerate(timesteps):
-        record = StepRecord(t=int(t), rematched=False)
-        if rematch is not None and k in rematch_steps:
-            rewarp, mask = rematch(x0, k)
-            delta = rewarp - x0 if mask is None else mask * (rewarp - x0)
-            x = x + a_prev.to(x.dtype).sqrt() * delta
-            record.rematched = True
-            record.mask_fraction = None if mask is None else float(mask.detach().mean())
-            result.last_rewarp = rewarp
-        eps = unet(x, t).sample
-        out = scheduler.step(eps, t, x)
-        x, x0 = out.prev_sample, out.pred_original_sample
-        a_prev = alpha_prev(scheduler, t)
-        result.steps.append(record)
-    result.latent = x
-    return result
+def _noised(q: LDMSchedule, tables: DDIMTables, x0: torch.Tensor, position: int, noise_fn: NoiseFn,
+            above: bool) -> torch.Tensor:
+    """``x0`` noised for a chain whose first step is at ``position``: official ``time_range[position
+    - 1]`` (one grid step above, ``above``) or the paper's ``time_range[position]`` (Eq. 7)."""
+    if above and position < 1:
+        raise ValueError("midms: a chain's first step needs position >= 1 (it is noised one step above)")
+    return q.q_sample(x0, int(tables.time_range[position - 1 if above else position]), noise_fn(x0))
 
 
-def refine(unet: UNet2DModel, scheduler: DDIMScheduler, latent: torch.Tensor, noise_level: float,
-           num_inference_steps: int, eta: float, generators: List[torch.Generator]) -> torch.Tensor:
-    """The official inference-only refinement: re-noise the result to ``noise_level`` of a
-    ``num_inference_steps``-step schedule and finish with stochastic DDIM (``eta``; official 200
-    steps, eta 1, last 20 steps from t ~ 100). Noise comes from one generator per sample."""
-    sched = DDIMScheduler.from_config(scheduler.config)
-    timesteps = denoise_timesteps(sched, num_inference_steps, noise_level)
-    noise = torch.stack([torch.randn(latent.shape[1:], generator=g) for g in generators]).to(latent)
-    x = sched.add_noise(latent, noise, timesteps[:1].repeat(latent.shape[0]))
-    for t in timesteps:
-        eps = unet(x, t).sample
-        x = sched.step(eps, t, x, eta=eta, generator=generators).prev_sample
-    return x
+def one_step_sample(eps_fn: EpsFn, q: LDMSchedule, tables: DDIMTables, x0: torch.Tensor, position: int,
+                    carry: Optional[Carry], noise_fn: NoiseFn, noise_above: bool = True) -> Step:
+    """``DDIMSampler.one_step_sample``: start from ``x0`` -- noised (``_noised``) when the chain has
+    no ``carry`` yet, else ``carry.sqrt_a_prev * x0 + carry.dir_xt`` -- and take the step at
+    ``position``."""
+    if carry is None:
+        x = _noised(q, tables, x0, position, noise_fn, noise_above)
+    else:
+        x = carry.sqrt_a_prev * x0 + carry.dir_xt
+    return ddim_step(eps_fn, tables, x, position, noise_fn)
+
+
+def sample_from(eps_fn: EpsFn, q: LDMSchedule, tables: DDIMTables, x0: torch.Tensor, start: int,
+                noise_fn: NoiseFn, steps: Optional[List[Step]] = None, noise_above: bool = True) -> torch.Tensor:
+    """``DDIMSampler.sample`` with ``hijack_feat=x0, hijack_step=start``: noise ``x0`` (``_noised``),
+    run every step from ``start`` to the end, return the last x0 estimate (official: ``img =
+    pred_x0``). MIDMs' inference refinement: 200 steps, eta 1, start 180 -> noised at t = 101,
+    steps 96 ... 1."""
+    x = _noised(q, tables, x0, start, noise_fn, noise_above)
+    pred_x0 = x0
+    for position in range(start, tables.total_steps):
+        step = ddim_step(eps_fn, tables, x, position, noise_fn)
+        x, pred_x0 = step.x_prev, step.pred_x0
+        if steps is not None:
+            steps.append(step)
+    return pred_x0
+
