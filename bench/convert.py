@@ -49,8 +49,8 @@ def converter(method: str):
 def _files_of(paths: List[Path]) -> List[Path]:
     out = []
     for p in paths:
-        if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.is_file())
+        if p.is_dir():  # releases may have sub-folders (MIDMs: pretrained/model.ckpt)
+            out += sorted(f for f in p.rglob("*") if f.is_file())
         elif p.is_file():
             out.append(p)
         else:
@@ -72,10 +72,11 @@ def pick_release(module, release: Optional[str], opt: Optional[Dict[str, Any]]) 
 
 
 def match_files(rel: Release, files: List[Path]) -> Tuple[Dict[str, Path], List[str]]:
-    """Official network -> file: by the release's file name, or ``<epoch>_net_<X>.pth`` for ``latest_net_<X>.pth``."""
+    """Official network -> file: by the release's file name (or path ending, ``pretrained/model.ckpt``), or
+    ``<epoch>_net_<X>.pth`` for ``latest_net_<X>.pth``."""
     found: Dict[str, Path] = {}
     for net, name in rel.files.items():
-        exact = [f for f in files if f.name == name]
+        exact = [f for f in files if (f.as_posix().endswith("/" + name) if "/" in name else f.name == name)]
         suffix = name.split("_", 1)[1] if name.startswith("latest_") else None
         loose = [f for f in files if suffix and f.name.endswith("_" + suffix)]
         hits = exact or loose

@@ -306,9 +306,10 @@ def build_trial_metrics(cfg: TrialConfig, names: List[str], eval_ds: ExemplarDat
 
 def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: Shard):
     seed_everything(cfg.seed)
-    train_ds = make_dataset(cfg, cfg.dataset.train_split)
     eval_ds = make_dataset(cfg, cfg.dataset.eval_split)
-    method = build_method(cfg, train_ds.info, device)
+    # An evaluation-only trial never reads the training split (it need not exist, e.g. a test-only copy).
+    train_ds = make_dataset(cfg, cfg.dataset.train_split) if cfg.train.steps > 0 else None
+    method = build_method(cfg, (train_ds if train_ds is not None else eval_ds).info, device)
     init_tags = {}
     if cfg.init_from:  # before the data-parallel broadcast, so every worker starts from these weights
         init_tags = apply_init_from(method, load_init_from(cfg.init_from, cfg.method, env.tracking_uri), cfg.init_from)
@@ -323,8 +324,9 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
 
     # Params, tags and the resolved config, once (write-once params make this idempotent).
     params = cfg.identity()
-    params["data"] = {"train": train_ds.info.params, "eval": eval_ds.info.params,
-                      "train_size": len(train_ds), "eval_size": min(cfg.eval.num_samples, len(eval_ds))}
+    params["data"] = {"eval": eval_ds.info.params, "eval_size": min(cfg.eval.num_samples, len(eval_ds))}
+    if train_ds is not None:
+        params["data"].update(train=train_ds.info.params, train_size=len(train_ds))
     params["metrics_selected"] = ",".join(metric_names)
     if method.resolved:
         params["resolved"] = dict(method.resolved)
@@ -373,7 +375,7 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
     # The loader gets its own generator: creating an iterator draws a base seed from it, and from the
     # global RNG without one -- a draw the uninterrupted run makes at step 0 and a resumed run would
     # make at its start step, shifting every random number after it (exact resume would break).
-    loader = torch.utils.data.DataLoader(
+    loader = () if train_ds is None else torch.utils.data.DataLoader(
         train_ds, batch_sampler=StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.seed, start, steps, shard),
         num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + start))
     window: Dict[str, List[float]] = {}
