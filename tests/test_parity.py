@@ -8,10 +8,20 @@ import pytest
 import torch
 
 from bench.parity import check_fixture
-from bench.parity.fixtures import Fixture, Tolerance, compare_output, discover, parity_dir
+from bench.parity.fixtures import (Fixture, Tolerance, clear_fill_cache, compare_output, discover, parity_dir,
+                                   reuse_freed_memory)
 
 ROOT = parity_dir()
 FILES = discover(ROOT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parity_memory():
+    """Large float64 temporaries reuse freed memory here; the filled weights memoised across
+    fixtures and the kept memory are released when the module is done."""
+    with reuse_freed_memory():
+        yield
+        clear_fill_cache()
 
 
 def _id(path):

@@ -13,10 +13,15 @@ from pathlib import Path
 import torch
 
 from bench.parity import check_fixture
-from bench.parity.fixtures import Fixture, discover, parity_dir
+from bench.parity.fixtures import Fixture, discover, parity_dir, reuse_freed_memory
 
 
 def main(argv=None) -> int:
+    with reuse_freed_memory():
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.parity", description=__doc__.split("\n\n")[0])
     ap.add_argument("root", nargs="?", help="parity folder (default: $BENCH_PARITY_DIR or ../shared/parity)")
     ap.add_argument("-k", dest="only", default="", help="only fixtures whose <method>/<case> contains this")
