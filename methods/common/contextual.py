@@ -16,8 +16,11 @@ import torch.nn.functional as F
 
 
 def contextual_loss(x: torch.Tensor, y: torch.Tensor, h: float = 0.1, centre: str = "spatial",
-                    min_affinity: Optional[float] = None) -> torch.Tensor:
-    """CX loss between feature maps ``x`` (generated) and ``y`` (target), both (N, C, H, W)."""
+                    min_affinity: Optional[float] = None, log_eps: float = 1e-5) -> torch.Tensor:
+    """CX loss between feature maps ``x`` (generated) and ``y`` (target), both (N, C, H, W).
+
+    ``log_eps`` is added to CX inside the log; the official code has none (``-torch.log(CX)``):
+    CoCosNet v2 passes 0."""
     if x.shape != y.shape:
         raise ValueError(f"contextual_loss: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
     n, c = x.shape[:2]
@@ -39,10 +42,10 @@ def contextual_loss(x: torch.Tensor, y: torch.Tensor, h: float = 0.1, centre: st
     best = a.max(dim=2)[0]  # (N, HWx): each generated feature's best match in y
     if min_affinity is None:
         cx = best.mean(dim=1)
-        return (-torch.log(cx + 1e-5)).mean()
+        return (-torch.log(cx + log_eps)).mean()
     keep = best.ge(min_affinity).float()
     if keep.sum() == 0:
         return x.new_zeros(())
     cx = (best * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
     rows = keep.sum(dim=1) > 0
-    return (-torch.log(cx[rows] + 1e-5)).mean()
+    return (-torch.log(cx[rows] + log_eps)).mean()
