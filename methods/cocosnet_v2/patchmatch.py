@@ -359,7 +359,7 @@ class HierarchicalPatchMatch(nn.Module):
         self.use_propagation = refinement.startswith("propagation")
         kind = {"gru": "gru", "propagation+gru": "gru", "propagation+conv": "conv"}.get(refinement)
         self.refiner = Refiner(feat_ch, self.k, hidden, motion_ch, kind, hidden_init) if kind else None
-        self.order_source: Callable[[], float] = random.random
+        self.order_source: Optional[Callable[[], float]] = None  # None: python's random.random()
         self.trace: Optional[Dict[str, torch.Tensor]] = None
         self.stats: Counter = Counter()
 
@@ -442,7 +442,8 @@ class HierarchicalPatchMatch(nn.Module):
         for it in range(self.iterations):
             order = ()
             if self.use_propagation:  # official PatchMatchOnce: horizontal first with p = 0.5
-                order = ("horizontal", "vertical") if self.order_source() < 0.5 else ("vertical", "horizontal")
+                draw = self.order_source() if self.order_source is not None else random.random()
+                order = ("horizontal", "vertical") if draw < 0.5 else ("vertical", "horizontal")
                 self.stats["propagate"] += len(order)
             self.stats["evaluate"] += max(1, len(order))
             if self.refiner is not None:
