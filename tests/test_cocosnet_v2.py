@@ -351,6 +351,10 @@ def test_evaluation_only_builds_no_training_networks():
     assert m.optimizers() == {} and m.vgg is None and m.netD is None and m.netR is None
     assert not any(k.startswith(("netD.", "netR.")) for k in m.state_dict())
     assert m.generate(batch).output.shape == (2, 3, 32, 32)
+    # a full checkpoint (the release has latest_net_D.pth) loads; its discriminator is not used
+    trained = make_method(info, 32, iterations=1)
+    loaded = m.load_pretrained({k: v for k, v in trained.state_dict().items()})
+    assert "netD" not in loaded and set(loaded.values()) == {"loaded"}
 
 
 # ---------------------------------------------------------------------------------------------

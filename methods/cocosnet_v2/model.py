@@ -310,6 +310,13 @@ class CoCosNetV2Method(ExemplarMethod):
         if not 0.0 <= o.real_reference_probability <= 1.0:
             raise ValueError("cocosnet_v2: real_reference_probability must be in [0, 1]")
 
+    def load_pretrained(self, state: Dict[str, torch.Tensor], what: str = "checkpoint") -> Dict[str, str]:
+        """As the base class; a checkpoint's discriminator is skipped when this method builds none
+        (evaluation-only trials, ``lambda_gan: 0``): the release ships ``latest_net_D.pth`` too."""
+        if self.netD is None:
+            state = {k: v for k, v in state.items() if not k.startswith("netD.")}
+        return super().load_pretrained(state, what)
+
     def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in (("g", self.opt_g), ("d", self.opt_d)) if v is not None}
 
