@@ -29,6 +29,7 @@ from bench.distributed import Shard, average_gradients_before_step, broadcast_st
 from bench.evaluate import build_metrics, evaluate, select_metrics
 from bench.grid import grid_rows, save_grid
 from bench.init_from import apply_init_from, load_init_from
+from bench.malloc import release_freed_memory
 from bench.metrics.base import MetricContext
 from bench.sweep import TrialConfig
 from bench.tracking import TrialRun
@@ -174,6 +175,8 @@ def build_method(cfg: TrialConfig, data_info, device: torch.device) -> ExemplarM
 def reset_peak_memory(device: torch.device) -> None:
     """Start the trial's memory peak from now: Ray reuses worker processes across trials, so the
     process-lifetime peak would mix trials. Linux resets VmHWM on "5" in /proc/self/clear_refs."""
+    # Freed memory a previous trial left in the heap would otherwise stay resident and count.
+    release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

@@ -122,11 +122,15 @@ class ExemplarMethod(nn.Module):
         """Load networks' weights (``init_from``): every key must be one of ours with our shape; a
         network the checkpoint has must be complete; a network it lacks entirely (e.g. the
         discriminator of a test-only release) keeps its initialisation. Returns {network: "loaded" |
-        "kept initialisation"}; raises ``ValueError`` listing every problem at once."""
+        "kept initialisation" | "not built"}; raises ``ValueError`` listing every problem at once."""
         from methods.common.convert import format_key_problems
 
         ours = {k: v for k, v in self.state_dict().items() if not k.startswith(self.pretrained_exclude)}
         top = lambda k: k.split(".", 1)[0]  # noqa: E731
+        # A network this model does not build (attribute None: e.g. the discriminator of an
+        # evaluation-only trial) is skipped: releases ship latest_net_D.pth next to the generator.
+        not_built = sorted({top(k) for k in state if getattr(self, top(k), 0) is None})
+        state = {k: v for k, v in state.items() if top(k) not in not_built}
         given = {top(k) for k in state}
         unexpected = [k for k in state if k not in ours]
         shapes = [f"{k}: {tuple(state[k].shape)} vs ours {tuple(ours[k].shape)}"
@@ -136,8 +140,10 @@ class ExemplarMethod(nn.Module):
             raise ValueError(format_key_problems(f"{type(self).__name__}: {what} does not fit", missing,
                                                  unexpected, shapes))
         self.load_state_dict(state, strict=False)
-        return {name: ("loaded" if name in given else "kept initialisation")
-                for name in sorted({top(k) for k in ours})}
+        status = {name: ("loaded" if name in given else "kept initialisation")
+                  for name in sorted({top(k) for k in ours})}
+        status.update({name: "not built" for name in not_built})
+        return status
 
 
 def options_dict(options: Any) -> Dict[str, Any]:

@@ -38,17 +38,20 @@ def _rss_kib() -> int:
         return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
-def memory_child(size: int, train: bool, ckpt: bool = False) -> dict:
+def memory_child(size: int, train: bool, ckpt: bool = False, refine_grad: str = "official_nograd") -> dict:
     """Runs in a fresh process: one correspondence pass at ``size``^2, returns its measurements."""
+    import random
+
     import torch
 
     from methods.cocosnet_v2.patchmatch import HierarchicalPatchMatch, normalize_pono_c
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    random.seed(0)  # the propagation orders (python's random, as the official code)
     feat = 32
     net = HierarchicalPatchMatch(feat, iterations=5, refinement="propagation+gru", hidden=32, motion_ch=64,
-                                 grad_checkpoint=ckpt)
+                                 refine_grad=refine_grad, grad_checkpoint=ckpt)
     sizes = [size // f for f in (8, 4, 2, 1)]
     fxs = [normalize_pono_c(torch.randn(1, feat, s, s)).requires_grad_(train) for s in sizes]
     fys = [normalize_pono_c(torch.randn(1, feat, s, s)).requires_grad_(train) for s in sizes]
@@ -70,6 +73,7 @@ def memory_child(size: int, train: bool, ckpt: bool = False) -> dict:
     wall2, cpu2 = timed_pass()
     return {
         "size": size, "mode": ("train+ckpt" if ckpt else "train(fwd+bwd)") if train else "inference",
+        "refine_grad": refine_grad,
         "levels": sizes,
         "peak_bytes": (peak - rss_before) * 1024,
         "baseline_slack_bytes": max(0, maxrss_before - rss_before) * 1024,  # > 0 would hide peaks
@@ -77,20 +81,20 @@ def memory_child(size: int, train: bool, ckpt: bool = False) -> dict:
     }
 
 
-def run_memory(sizes, train: bool, ckpt: bool = False) -> list:
+def run_memory(sizes, train: bool, ckpt: bool = False, refine_grad: str = "official_nograd") -> list:
     rows = []
     for size in sizes:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                    OMP_NUM_THREADS="1")
-        cmd = ([sys.executable, __file__, "--child-size", str(size)] + (["--child-train"] if train else [])
-               + (["--child-ckpt"] if ckpt else []))
+        cmd = ([sys.executable, __file__, "--child-size", str(size), "--refine-grad", refine_grad]
+               + (["--child-train"] if train else []) + (["--child-ckpt"] if ckpt else []))
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         hw = size * size
         row["v1_dense_bytes"] = hw * hw * V1_BYTES_PER_VALUE
         row["ratio_to_v1"] = row["peak_bytes"] / row["v1_dense_bytes"]
         rows.append(row)
-        print(f"{size:4d}^2 {row['mode']:15s} peak {row['peak_bytes'] / 2**20:9.1f} MiB | v1 dense "
+        print(f"{size:4d}^2 {row['mode']:15s} {refine_grad:15s} peak {row['peak_bytes'] / 2**20:9.1f} MiB | v1 dense "
               f"{row['v1_dense_bytes'] / 2**30:8.3f} GiB | ratio {100 * row['ratio_to_v1']:7.3f} % | "
               f"time {row['wall_s']:6.2f} s wall, {row['cpu_s']:6.2f} s cpu (cold {row['wall_s_cold']:.2f} s)"
               f" | baseline slack {row['baseline_slack_bytes'] / 2**20:.1f} MiB", flush=True)
@@ -98,6 +102,8 @@ def run_memory(sizes, train: bool, ckpt: bool = False) -> list:
 
 
 def run_learning(steps: int, variant: str, eval_samples: int, seed: int, log_every: int) -> dict:
+    import random
+
     import torch
     import torch.nn.functional as F
 
@@ -108,19 +114,19 @@ def run_learning(steps: int, variant: str, eval_samples: int, seed: int, log_eve
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    random.seed(seed)
     res = 64
     spec = DatasetSpec(name="embedded", variant=variant)
     train, test = EmbeddedDataset(spec, "train", res), EmbeddedDataset(spec, "test", res)
-    ctx = MethodContext(data=train.info, resolution=res, width=0.125, lr_g=1e-4, lr_d=4e-4, beta1=0.0,
-                        beta2=0.999, backbones=BackboneSettings(allow_untrained=True, download=False),
-                        seed=seed, total_steps=steps)
+    ctx = MethodContext(data=train.info, resolution=res, width=0.125,  # the official optimiser (TTUR)
+                        backbones=BackboneSettings(allow_untrained=True, download=False), seed=seed, total_steps=steps)
     method = CoCosNetV2Method(CoCosNetV2Options(), ctx)
     ev = [test[i] for i in range(eval_samples)]
     ev = {k: torch.stack([s[k] for s in ev]) for k in ev[0]}
 
     def warp_l1() -> dict:
         method.eval()
-        torch.manual_seed(1234)  # the propagation order is random: same draws at every evaluation
+        random.seed(1234)  # the propagation order is random (python's random): same draws at every evaluation
         out = method.generate(ev)
         method.train()
         l1 = {}
@@ -166,6 +172,8 @@ def main() -> None:
     ap.add_argument("--train-mode", action="store_true", help="also measure forward+backward memory")
     ap.add_argument("--grad-checkpoint", action="store_true",
                     help="with --train-mode: also measure it with per-iteration gradient checkpointing")
+    ap.add_argument("--refine-grad", default="official_nograd", choices=("official_nograd", "differentiable"),
+                    help="the refinement's gradients (checkpointing only acts with differentiable)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variant", default="mask", choices=("mask", "edge", "keypoint"))
     ap.add_argument("--eval-samples", type=int, default=16)
@@ -177,19 +185,19 @@ def main() -> None:
     ap.add_argument("--child-ckpt", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_size is not None:
-        print(json.dumps(memory_child(args.child_size, args.child_train, args.child_ckpt)))
+        print(json.dumps(memory_child(args.child_size, args.child_train, args.child_ckpt, args.refine_grad)))
         return
     report: dict = {}
     if args.part in ("memory", "all"):
-        report["memory"] = run_memory(args.sizes, train=False)
+        report["memory"] = run_memory(args.sizes, train=False, refine_grad=args.refine_grad)
         r256 = [r for r in report["memory"] if r["size"] == 256]
         if r256:
             ok = r256[0]["ratio_to_v1"] <= 0.02
             print(f"256^2 target (<= 2 % of v1's dense memory): {'PASS' if ok else 'FAIL'}", flush=True)
         if args.train_mode:
-            report["memory_train"] = run_memory(args.sizes, train=True)
+            report["memory_train"] = run_memory(args.sizes, train=True, refine_grad=args.refine_grad)
             if args.grad_checkpoint:
-                report["memory_train_ckpt"] = run_memory(args.sizes, train=True, ckpt=True)
+                report["memory_train_ckpt"] = run_memory(args.sizes, train=True, ckpt=True, refine_grad=args.refine_grad)
     if args.part in ("learn", "all"):
         report["learning"] = run_learning(args.steps, args.variant, args.eval_samples, args.seed, args.log_every)
     if args.out:

@@ -16,7 +16,6 @@ agreement implies -- so a mismatch in the part that is not stored is caught too.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import json
@@ -29,6 +28,8 @@ from types import ModuleType
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
+
+from bench.malloc import reuse_freed_memory  # noqa: F401 - re-exported for the parity CLI and tests
 
 FORMAT = "exbench-parity-fixture/1"
 REPO = Path(__file__).resolve().parents[2]
@@ -46,31 +47,6 @@ def discover(root: Optional[Path] = None) -> List[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.rglob("*.pt") if "manifests" not in p.parts)
-
-
-@contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[None]:
-    """Inside, glibc keeps freed memory for reuse instead of handing every large block back to the
-    kernel: the fixtures run full-width networks in float64, and each 100+ MB temporary would
-    otherwise be a fresh mmap whose pages the kernel zero-fills (a third of the run as system time,
-    measured). Afterwards the defaults come back and the freed memory is returned (malloc_trim).
-    A no-op where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
-    except (OSError, AttributeError):
-        yield
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = all(libc.mallopt(opt, value) == 1 for opt, value in
-             ((m_mmap_threshold, 2 ** 31 - 1), (m_trim_threshold, 2 ** 31 - 1), (m_top_pad, 1 << 28)))
-    try:
-        yield
-    finally:
-        if ok:
-            for opt, value in ((m_mmap_threshold, 128 * 1024), (m_trim_threshold, 128 * 1024), (m_top_pad, 0)):
-                libc.mallopt(opt, value)
-        libc.malloc_trim(0)
 
 
 _FILL_CACHE: Dict[Path, ModuleType] = {}

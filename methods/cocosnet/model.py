@@ -43,7 +43,7 @@ returned key       what (official name)                                   option
 ``D_fake``         hinge fake term, mean over scales, x lambda_gan (``D_Fake``)
 =================  =====================================================  ================  ===========
 
-Remaining differences from the official code (docs/methods_cocosnet.md has the full list):
+Remaining differences from the official code (docs/methods.md, CoCosNet, has the full list):
 * Self-references are drawn here, from the unaugmented training photo (official: the data loader,
   whose input photo is itself a random crop; see ``augment.py``).
 * L_feat / L_warp_self keep the official per-sample weights self_ref / sum(self_ref) inside a mean

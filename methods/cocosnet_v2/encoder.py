@@ -24,6 +24,9 @@ from torch.nn.utils import spectral_norm
 
 from methods.common.spade_blocks import SPADEResBlock
 
+# CoCosNet v2's ``PositionalNorm2d`` epsilon (unbiased variance across channels + 1e-8).
+PONO_EPS = 1e-8
+
 
 class ResidualBlock(nn.Module):
     """Official ``architecture.ResidualBlock``: reflection-padded 3x3 convs, instance norm, PReLU."""
@@ -40,8 +43,9 @@ class ResidualBlock(nn.Module):
 
 
 def sn_in_conv(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
-    """A conv with the official encoder norm ``spectralinstance`` (spectral norm + InstanceNorm)."""
-    return nn.Sequential(spectral_norm(nn.Conv2d(cin, cout, kernel, stride, padding=(kernel - 1) // 2)),
+    """A conv with the official encoder norm ``spectralinstance``: spectral norm, no bias (the
+    official ``get_nonspade_norm_layer`` deletes it: the affine-free InstanceNorm cancels it)."""
+    return nn.Sequential(spectral_norm(nn.Conv2d(cin, cout, kernel, stride, padding=(kernel - 1) // 2, bias=False)),
                          nn.InstanceNorm2d(cout, affine=False))
 
 
@@ -73,12 +77,13 @@ class MultiLevelEncoder(nn.Module):
             cin = 4 * nef
         self.downs = nn.ModuleList(downs)
         # Decoder: head at the coarsest factor, then one block per finer factor down to ``finest``.
-        ups = [SPADEResBlock(skip_channels(nef, coarsest), level_channels(nef, coarsest), in_nc, spade_hidden,
-                             "positional", padding="reflect")]
+        block = lambda cin, cout: SPADEResBlock(cin, cout, in_nc, spade_hidden, "positional",  # noqa: E731
+                                                padding="reflect", pono_eps=PONO_EPS)
+        ups = [block(skip_channels(nef, coarsest), level_channels(nef, coarsest))]
         f, cin = coarsest, level_channels(nef, coarsest)
         while f > finest:
             f //= 2
-            ups.append(SPADEResBlock(cin, level_channels(nef, f), in_nc, spade_hidden, "positional", padding="reflect"))
+            ups.append(block(cin, level_channels(nef, f)))
             cin = level_channels(nef, f)
         self.ups = nn.ModuleList(ups)
 

@@ -9,7 +9,7 @@ photo (``image``), so the generator learns to reconstruct it; at evaluation the 
 instead. ``use_vae=False`` is the plain SPADE of the released ADE20K generator (the condition,
 downsampled to the first feature map, through a 3x3 conv).
 
-Official behaviour kept by default (docs/methods_spade.md lists every difference from the paper):
+Official behaviour kept by default (docs/methods.md, SPADE, lists every difference from the paper):
 the style encoder resizes its input to 256x256; z is *sampled* at test time too (here from a
 stream seeded with the trial seed, restarted at every evaluation, so evaluations are reproducible);
 KLD is summed over batch and code; the VGG loss feeds the raw [-1, 1] image to torchvision's VGG19;
