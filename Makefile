@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SWEEP ?= sweeps/quickstart.yaml
 
-.PHONY: setup quickstart test dashboard report check clean
+.PHONY: setup quickstart test parity dashboard report check clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ quickstart: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Every official-code parity fixture, the heavy ones too (test runs those within its time budget).
+parity: setup
+	$(PY) -m bench.parity
 
 dashboard: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1

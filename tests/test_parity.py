@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from bench.parity import check_fixture
+from bench.parity.costs import budget_s, load_costs, over_budget
 from bench.parity.fixtures import (Fixture, Tolerance, clear_fill_cache, compare_output, discover, parity_dir,
                                    reuse_freed_memory)
 
 ROOT = parity_dir()
 FILES = discover(ROOT)
+COSTS = load_costs()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,10 +33,23 @@ def _id(path):
 @pytest.mark.skipif(not FILES, reason=f"no parity fixtures under {ROOT} (set BENCH_PARITY_DIR)")
 @pytest.mark.parametrize("path", FILES, ids=[_id(p) for p in FILES])
 def test_fixture(path):
-    torch.set_num_threads(2)
     fx = Fixture.load(path, ROOT)
+    why = over_budget(fx.name, COSTS, budget_s())
+    if why:
+        pytest.skip(why)
+    torch.set_num_threads(2)
     result = check_fixture(fx)
     assert result.ok, result.summary()
+
+
+def test_costs_decide_what_runs_within_the_budget(tmp_path):
+    from bench.parity.costs import record_costs
+
+    path = record_costs({"m/slow": 120.04, "m/fast": 3.0}, tmp_path / "costs.json")
+    costs = load_costs(path)
+    assert costs == {"m/fast": 3.0, "m/slow": 120.0}
+    assert over_budget("m/fast", costs, 30) is None and over_budget("m/new", costs, 30) is None
+    assert "make parity" in over_budget("m/slow", costs, 30) and over_budget("m/slow", costs, float("inf")) is None
 
 
 # ---- the comparison itself (no fixtures needed) -----------------------------------------------------

@@ -1,7 +1,9 @@
-"""``python -m bench.parity [DIR] [-k SUBSTRING]``: run every official-code fixture through our
-networks and print fixture -> outputs -> max |diff| -> tolerance -> verdict (exit 1 on a mismatch).
+"""``python -m bench.parity [DIR] [-k SUBSTRING] [--record-costs]``: run every official-code fixture
+through our networks and print fixture -> outputs -> max |diff| -> tolerance -> seconds -> verdict
+(exit 1 on a mismatch).
 
-DIR defaults to ``$BENCH_PARITY_DIR`` or ``../shared/parity``.
+DIR defaults to ``$BENCH_PARITY_DIR`` or ``../shared/parity``. ``--record-costs`` writes each checked
+fixture's seconds into ``bench/parity/costs.json`` (the test suite's budget reads them).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.parity import check_fixture
+from bench.parity.costs import record_costs
 from bench.parity.fixtures import Fixture, discover, parity_dir, reuse_freed_memory
 
 
@@ -26,6 +29,8 @@ def _main(argv=None) -> int:
     ap.add_argument("root", nargs="?", help="parity folder (default: $BENCH_PARITY_DIR or ../shared/parity)")
     ap.add_argument("-k", dest="only", default="", help="only fixtures whose <method>/<case> contains this")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--record-costs", action="store_true",
+                    help="write the measured seconds per fixture to bench/parity/costs.json (quiet machine!)")
     args = ap.parse_args(argv)
     root = Path(args.root) if args.root else parity_dir()
     files = discover(root)
@@ -34,7 +39,7 @@ def _main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, failed = [], 0
+    rows, failed, seconds = [], 0, {}
     print(f"{'fixture':44s} {'outputs':>7s} {'max |diff|':>11s} {'worst ratio':>11s} {'tolerance':24s} {'s':>6s}  verdict")
     for path in files:
         fx = Fixture.load(path, root)
@@ -53,10 +58,13 @@ def _main(argv=None) -> int:
                     default=float("nan"))
         verdict = "ok" if result.ok else "DIFFERS: " + result.first_failure.name + ": " + result.first_failure.error
         failed += not result.ok
+        seconds[fx.name] = time.time() - t0
         print(f"{fx.name:44s} {len(result.checks):7d} {result.max_abs_diff:11.3g} {ratio:11.3g} {tol_text:24s} "
-              f"{time.time() - t0:6.1f}  {verdict}")
+              f"{seconds[fx.name]:6.1f}  {verdict}")
         rows.append(result)
     print(f"{len(rows)} fixtures checked, {failed} failed")
+    if args.record_costs and seconds:
+        print(f"costs recorded in {record_costs(seconds)}")
     return 1 if failed else 0
 
 

@@ -31,6 +31,9 @@ import torch
 
 from methods.common.convert import ConversionError, Converted, Release
 
+OFFICIAL_REPO = "microsoft/CoCosNet-v2"
+OFFICIAL_COMMIT = "5ebd60c1bedb242be99060a66e4de06f6fe9018d"
+
 TEST_COMMAND = ("python test.py --name deepfashionHD --dataset_mode deepfashionHD --dataroot dataset/deepfashionHD "
                 "--PONO --PONO_C --no_flip --batchSize 8 --gpu_ids 0 --netCorr NoVGGHPM --nThreads 16 --nef 32 "
                 "--amp --display_winsize 512 --iteration_count 5 --load_size 512 --crop_size 512")

@@ -27,6 +27,9 @@ import torch
 from methods.common.convert import ConversionError, Converted, Release, build_converted, check_state_dict
 from methods.common.spade_blocks import SPADEDecoder
 
+OFFICIAL_REPO = "NVlabs/SPADE"
+OFFICIAL_COMMIT = "fecacc920c1367a038995c45a39c15f6521ca64f"
+
 NETWORKS = ("netG", "netD", "netE")
 # Our state-dict prefixes of each official network.
 NETWORK_PREFIXES: Dict[str, Tuple[str, ...]] = {"netG": ("fc.", "decoder."), "netE": ("encoder.",), "netD": ("netD.",)}
