@@ -9,8 +9,8 @@ import torch
 
 from bench.parity import check_fixture
 from bench.parity.costs import budget_s, load_costs, over_budget
-from bench.parity.fixtures import (Fixture, Tolerance, clear_fill_cache, compare_output, discover, parity_dir,
-                                   reuse_freed_memory)
+from bench.malloc import reuse_freed_memory
+from bench.parity.fixtures import Fixture, Tolerance, clear_fill_cache, compare_output, discover, parity_dir
 
 ROOT = parity_dir()
 FILES = discover(ROOT)

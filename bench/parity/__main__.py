@@ -16,7 +16,8 @@ import torch
 
 from bench.parity import check_fixture
 from bench.parity.costs import record_costs
-from bench.parity.fixtures import Fixture, discover, parity_dir, reuse_freed_memory
+from bench.malloc import reuse_freed_memory
+from bench.parity.fixtures import Fixture, discover, parity_dir
 
 
 def main(argv=None) -> int:

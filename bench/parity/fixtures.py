@@ -15,7 +15,6 @@ agreement implies -- so a mismatch in the part that is not stored is caught too.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -25,11 +24,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-
-from bench.malloc import reuse_freed_memory  # noqa: F401 - re-exported for the parity CLI and tests
 
 FORMAT = "exbench-parity-fixture/1"
 REPO = Path(__file__).resolve().parents[2]
