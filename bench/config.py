@@ -225,18 +225,16 @@ def build(cls, data: Any, path=None, where: Optional[_Where] = None):
 # ---- dotted overrides ----------------------------------------------------------------------
 def parse_override(text: str) -> tuple:
     """``"train.steps=50"`` -> (["train", "steps"], 50); the value is parsed as YAML."""
-    import yaml
+    from bench.yaml_input import parse_yaml  # bounded and traceback-free, like sweep files
 
+    shown = text if len(text) <= 80 else text[:77] + "..."  # the override as error messages quote it
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=50")
+        raise ConfigError(f"override {shown!r}: expected key=value, e.g. train.steps=50")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"override {shown!r}: empty key")
+    value = parse_yaml(raw, f"override {shown!r}", "value") if raw.strip() else ""
     return key.split("."), value
 
 

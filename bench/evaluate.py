@@ -17,27 +17,23 @@ from methods.base import ExemplarMethod, MethodOutput
 EXEMPLAR_KEYS = ("exemplar", "exemplar_cond", "exemplar_label")
 
 
-class MetricSelectionError(ValueError):
-    pass
-
-
 def select_metrics(names: List[str], data: DataInfo, has_warp: bool) -> Tuple[List[str], Dict[str, str]]:
-    """Resolve ``eval.metrics`` (``all`` = every supported metric) -> (names, skipped name -> reason)."""
+    """Resolve ``eval.metrics`` (``all`` = every registered metric) -> (names, skipped name -> reason).
+
+    A metric the trial cannot compute (no label map for semantic consistency, no warp from SPADE) is
+    skipped, not an error: a sweep lists its table's metrics once for methods and datasets that
+    support different subsets. The preflight says up front which trial skips what (and fails a
+    sweep where a listed metric applies to no trial); the run records it (tag bench.metrics_unsupported).
+    """
     skipped: Dict[str, str] = {}
-    if "all" in names:
-        chosen = []
-        for name in METRICS.names():
-            reason = METRICS.get(name).unsupported_reason(data, has_warp)
-            if reason:
-                skipped[name] = reason
-            else:
-                chosen.append(name)
-        return chosen, skipped
-    for name in names:
+    chosen = []
+    for name in (METRICS.names() if "all" in names else names):
         reason = METRICS.get(name).unsupported_reason(data, has_warp)
         if reason:
-            raise MetricSelectionError(f"metric {name!r} cannot run on dataset {data.name!r}: {reason}")
-    return list(names), skipped
+            skipped[name] = reason
+        else:
+            chosen.append(name)
+    return chosen, skipped
 
 
 def build_metrics(names: List[str], ctx: MetricContext) -> Dict[str, Metric]:

@@ -37,7 +37,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
     p.add_argument("--list", action="store_true", help="print every registered method, dataset, metric and "
                    "official per-dataset recipe (method:dataset)")
-    p.add_argument("--dry-run", action="store_true", help="print the expanded trials and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded trials and the preflight's verdict, "
+                   "then exit (2 when a trial cannot run)")
+    p.add_argument("--no-preflight", action="store_true", help="skip the checks that every trial can start "
+                   "(data, options, weights, metrics, resources) before Ray starts")
     p.add_argument("--profile", help="a profile defined in the sweep (e.g. smoke)")
     p.add_argument("--force", action="store_true", help="re-run trials that already FINISHED")
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
@@ -74,15 +77,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"width={t.scale.width} cpu={t.resources.cpu} gpu={t.resources.gpu}"
                   + (f" recipe={t.recipe}" if t.recipe else "") + (f" init_from={t.init_from}" if t.init_from else ""))
         print(f"{len(trials)} trials")
-        return 0
-    from bench.init_from import init_from_problems
-    from bench.runner import RunOptions, run_sweep
     from bench.tracking import default_tracking_uri
 
-    problems = init_from_problems(trials, args.tracking_uri or default_tracking_uri(Path(args.workdir)))
-    if problems:
-        print("error: trials cannot start:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 2
+    if not args.no_preflight:
+        verdict = _preflight(args, spec, trials, default_tracking_uri(Path(args.workdir)))
+        print(verdict.report(args.sweep), file=sys.stdout if verdict.ok or args.dry_run else sys.stderr)
+        if not verdict.ok:
+            return 2
+    if args.dry_run:
+        return 0
+    from bench.runner import RunOptions, run_sweep
 
     extra = {"bench.profile": args.profile or "", "bench.overrides": " ".join(args.overrides)}
     opts = RunOptions(workdir=Path(args.workdir), tracking_uri=args.tracking_uri, address=args.address,
@@ -92,6 +96,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.no_report:
         code = _report(spec.name, opts, code)
     return code
+
+
+def _preflight(args, spec, trials, default_uri: str):
+    """Every trial checked before Ray starts; resources against this machine unless the sweep goes to
+    an existing cluster (then ``run_sweep`` asks the cluster right after connecting)."""
+    import os
+
+    from bench.preflight import local_resources, preflight
+    from bench.sweep import sweep_line_finder
+
+    attached = args.address or os.environ.get("RAY_ADDRESS")
+    resources = None if attached else local_resources(args.num_cpus, args.num_gpus)
+    return preflight(spec, trials, args.sweep, sweep_line_finder(args.sweep), args.tracking_uri or default_uri,
+                     resources)
 
 
 def _report(name: str, opts, code: int) -> int:

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,6 +20,7 @@ import yaml
 from bench.config import (DATASET_OPTIONS_PREFIX, TRIAL_SECTIONS, ConfigError, EvalConfig, MethodEntry,
                           ResourcesConfig, ScaleConfig, SweepSpec, TrainConfig, _Where, build, parse_override,
                           set_dotted)
+from bench.yaml_input import read_yaml_file
 from datasets.base import DatasetSpec
 
 # Settings that change how a trial is observed, not what it computes: left out of its identity so
@@ -115,34 +117,51 @@ def _line_finder(text: str):
     return line_of
 
 
+def sweep_line_finder(path: str):
+    """``line_of(key path) -> line`` for a sweep file ``load_sweep`` has accepted."""
+    _, text = read_yaml_file(path, "sweep file")
+    return _line_finder(text)
+
+
 def load_sweep(path: str, overrides: List[str] = (), profile: Optional[str] = None) -> SweepSpec:
-    """Read, profile, override and validate a sweep file (``yaml.safe_load`` only)."""
+    """Read, profile, override and validate a sweep file (``yaml.safe_load`` semantics, bounded:
+    ``bench.yaml_input``). Any problem is a one-line ``ConfigError`` naming the file."""
     file = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{file}: sweep file not found")
-    text = p.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"{file}:{mark.line + 1}" if mark else file
-        raise ConfigError(f"{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    raw, text = read_yaml_file(path, "sweep file")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: a sweep file is a mapping with keys name, methods, datasets, ...")
+        raise ConfigError(f"{file}: a sweep file is a mapping with keys name, methods, datasets, ... "
+                          f"(got {type(raw).__name__})")
     return spec_from_dict(raw, file, _line_finder(text), overrides, profile)
 
 
 def spec_from_dict(raw: Dict[str, Any], file: str = "<sweep>", line_of=None, overrides: List[str] = (),
                    profile: Optional[str] = None) -> SweepSpec:
     where = _Where(file, line_of)
+    try:
+        return _spec_from_dict(raw, file, where, overrides, profile)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        # A shape the checks above did not anticipate: still one line naming the file, never a
+        # traceback (BENCH_DEBUG=1 shows it, for whoever fixes the check).
+        if os.environ.get("BENCH_DEBUG") == "1":
+            raise
+        raise ConfigError(f"{file}: cannot be read as a sweep ({type(exc).__name__}: {exc})") from None
+
+
+def _spec_from_dict(raw, file: str, where: _Where, overrides, profile) -> SweepSpec:
     raw = copy.deepcopy(raw)
     if profile:
         profiles = raw.get("profiles") or {}
+        if not isinstance(profiles, dict):
+            raise where(["profiles"], f"expected a mapping of profile name -> overrides, got {type(profiles).__name__}")
         if profile not in profiles:
-            known = ", ".join(sorted(profiles)) or "(none defined)"
+            known = ", ".join(sorted(map(str, profiles))) or "(none defined)"
             raise ConfigError(f"{file}: profile {profile!r} is not defined; profiles: {known}")
-        for key, value in (profiles[profile] or {}).items():
+        chosen = profiles[profile] or {}
+        if not isinstance(chosen, dict):
+            raise where(["profiles", profile], f"expected a mapping of key -> value, got {type(chosen).__name__}")
+        for key, value in chosen.items():
             set_dotted(raw, str(key).split("."), copy.deepcopy(value), f"{file}: profiles.{profile}.{key}")
     for text in overrides:
         keys, value = parse_override(text)

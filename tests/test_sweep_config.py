@@ -1,6 +1,7 @@
 """Sweep files: strict validation with useful messages, overrides, profiles, grid expansion, identity."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -130,17 +131,27 @@ def test_yaml_is_loaded_safely(tmp_path):
     assert "not valid YAML" in msg
 
 
-def run_cli(*args, cwd=REPO):
+def run_cli(*args, cwd=REPO, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
 def test_cli_dry_run_and_list(tmp_path):
-    out = run_cli(write(tmp_path, GOOD), "--dry-run", "train.steps=5")
+    out = run_cli(write(tmp_path, GOOD), "--dry-run", "train.steps=5", "train.allow_untrained_backbones=true")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[-1] == "18 trials" and len(lines) == 19
+    assert lines[18] == "18 trials"  # the trial table, then the preflight's verdict
     assert lines[0].startswith("spade/full/embedded-edge/s0  key=") and "steps=5" in lines[0]
+    assert lines[-1] == "preflight: every trial can start"
+    assert "spade/no_vgg on embedded-edge: 3 trials" in out.stdout
+    # Without the opt-in and without the VGG19 file, the verdict names the file and the trials that need it.
+    strict = run_cli(write(tmp_path, GOOD), "--dry-run", env_extra={"TORCH_HOME": str(tmp_path / "no_weights"),
+                                                                     "BENCH_OFFLINE": "1"})
+    assert strict.returncode == 2, strict.stdout
+    assert "18 trials" in strict.stdout and "vgg19-dcbb9e9d.pth" in strict.stdout
+    assert "spade/full, spade/short on embedded-edge" in strict.stdout  # no_vgg needs no VGG
+    assert "train.allow_untrained_backbones=true" in strict.stdout
     listed = run_cli("--list").stdout.splitlines()
     assert "method spade" in listed and "dataset embedded" in listed and "metric ssim" in listed
     assert "recipe cocosnet:celebahq-edge" in listed

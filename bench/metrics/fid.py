@@ -43,7 +43,7 @@ from torch import nn
 from bench.metrics.base import METRICS, Metric, MetricContext, reference_image, to_uint8_hwc
 from bench.metrics.feature_cache import FeatureBank, FeatureCache, LRUFeatureMemo, cache_key, digest_of_list
 from methods.base import BackboneSettings
-from methods.common.weights import find_weights, provenance_of
+from methods.common.weights import find_weights, probing_weights, provenance_of
 
 log = logging.getLogger("bench.metrics.fid")
 
@@ -213,6 +213,8 @@ _FAKE_MEMO: Dict[Tuple, LRUFeatureMemo] = {}
 
 def get_extractor(mode: str, settings: BackboneSettings, device: torch.device) -> InceptionExtractor:
     """One extractor per (mode, weights settings, device) per process (Inception is ~100 MB)."""
+    if probing_weights():  # the preflight must see every look-up, and must not cache a meta-device network
+        return InceptionExtractor(mode, settings, device)
     key = (mode, settings.weights_dir, settings.allow_untrained, settings.seed, str(device))
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = InceptionExtractor(mode, settings, device)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from methods.base import BackboneSettings
-from methods.common.weights import find_weights, private_rng, provenance_of
+from methods.common.weights import find_weights, private_rng, probing_weights, provenance_of
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
@@ -50,11 +50,13 @@ def load_vgg19_features(settings: BackboneSettings, purpose: str = "VGG19") -> T
     Shared per process (weights are 548 MB at full size): callers must not modify it.
     """
     path = find_weights(VGG19_FILE, VGG19_URL, settings, purpose)
-    key = (str(path), settings.seed)
+    # On the CPU whatever the caller's default device (e.g. a network built on the meta device to
+    # check a checkpoint's shapes): the cached copy must hold real weights. Only the sweep preflight
+    # (probing which files are needed) builds it on the meta device, cached apart.
+    device = "meta" if probing_weights() else "cpu"
+    key = (str(path), settings.seed, device)
     if key not in _CACHE:
-        # On the CPU whatever the caller's default device (e.g. a network built on the meta device to
-        # check a checkpoint's shapes): the cached copy must hold real weights.
-        with private_rng(), torch.device("cpu"):  # cached per process: building must not move the global stream
+        with private_rng(), torch.device(device):  # cached per process: building must not move the global stream
             # Only the convolutional stack: the classifier (120M parameters) is never used.
             if path is None:
                 features = vgg19_features()

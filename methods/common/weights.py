@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import os
 import urllib.request
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -76,26 +78,78 @@ def _download(url: str, dest: Path, timeout: float = 20.0) -> bool:
         return False
 
 
+@dataclass
+class WeightsRequest:
+    """One ``find_weights`` call seen while probing (``probe_weights``)."""
+
+    filename: str
+    url: str
+    purpose: str
+    settings: BackboneSettings
+    found: Optional[Path]  # where it is now; None: absent (downloadable or not)
+
+    def missing_message(self) -> str:
+        return missing_weights_message(self.filename, self.url, search_dirs(self.settings), self.purpose)
+
+
+_PROBE: ContextVar[Optional[List[WeightsRequest]]] = ContextVar("bench_weights_probe", default=None)
+
+
+@contextlib.contextmanager
+def probe_weights() -> Iterator[List[WeightsRequest]]:
+    """Inside, ``find_weights`` only records what it is asked for and answers None (so callers
+    build their seeded random-init stand-in instead of reading a file): building a method or
+    metric on the meta device under this shows every weights file it needs, in milliseconds and
+    without downloading or loading anything (the sweep preflight)."""
+    requests: List[WeightsRequest] = []
+    token = _PROBE.set(requests)
+    try:
+        yield requests
+    finally:
+        _PROBE.reset(token)
+
+
+def probing_weights() -> bool:
+    """True inside ``probe_weights``: loaders that read files themselves (not via find_weights)
+    check existence only."""
+    return _PROBE.get() is not None
+
+
 def find_weights(filename: str, url: str, settings: BackboneSettings, purpose: str) -> Optional[Path]:
     """Path of ``filename``; None when it is absent and ``settings.allow_untrained`` is set.
 
     Raises ``MissingWeightsError`` (naming file, URL and directories) otherwise.
     """
     dirs = search_dirs(settings)
-    for d in dirs:
-        if (d / filename).is_file():
-            return d / filename
+    found = next((d / filename for d in dirs if (d / filename).is_file()), None)
+    probe = _PROBE.get()
+    if probe is not None:
+        probe.append(WeightsRequest(filename, url, purpose, settings, found))
+        return None
+    if found is not None:
+        return found
     if settings.download and _download(url, dirs[-1] / filename):
         return dirs[-1] / filename
     if settings.allow_untrained:
         return None
+    raise MissingWeightsError(missing_weights_message(filename, url, dirs, purpose))
+
+
+def fetch_weights(request: WeightsRequest) -> Optional[Path]:
+    """Download a probed request's file the way ``find_weights`` would (None: not possible)."""
+    dest = search_dirs(request.settings)[-1] / request.filename
+    if request.settings.download and _download(request.url, dest):
+        return dest
+    return None
+
+
+def missing_weights_message(filename: str, url: str, dirs: Sequence[Path], purpose: str) -> str:
     where = "\n".join(f"  - {d}" for d in dirs)
-    raise MissingWeightsError(
-        f"{purpose} needs the pretrained weights file {filename!r}, which was not found and could not be "
-        f"downloaded.\n  Get it from: {url}\n  and put it in one of:\n{where}\n"
-        f"(or set the weights directory in the sweep / BENCH_WEIGHTS_DIR). To run anyway with seeded "
-        f"random-init networks, whose numbers are labelled untrained, set allow_untrained_backbones: true."
-    )
+    return (f"{purpose} needs the pretrained weights file {filename!r}, which was not found and could not be "
+            f"downloaded.\n  Get it from: {url}\n  and put it in one of:\n{where}\n"
+            f"(or set the weights directory in the sweep / BENCH_WEIGHTS_DIR). To run anyway with seeded "
+            f"random-init networks, whose numbers are labelled untrained, set allow_untrained_backbones: true.")
+
 
 
 def file_sha256(path: Path) -> str:

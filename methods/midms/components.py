@@ -13,6 +13,7 @@ Three ways to get them (the paper fine-tunes a pretrained LDM):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 
 from methods.base import scaled
 from methods.common.convert import load_official_file
-from methods.common.weights import file_sha256
+from methods.common.weights import file_sha256, probing_weights
 from methods.midms.ldm_convert import (LDM_CONFIGS, FirstStage, FirstStageSpec, LDMSpec, UNetSpec,
                                        convert_ldm_state_dict)
 from methods.midms.schedule import ldm_schedule, ldm_scheduler
@@ -185,8 +186,12 @@ def load_pretrained_ldm(path: str, timestep_spacing: str, set_alpha_to_one: bool
         unset = " (an environment variable in it is not set)" if "$" in str(root) else ""
         raise PretrainedLDMError(f"midms: pretrained_ldm directory {path!r} (resolved to {root}{unset}) does not "
                                  f"exist; expected {hint}. Unset pretrained_ldm to train the LDM from scratch.")
+    probing = probing_weights()  # the sweep preflight: the files exist, the networks build; nothing read
     if all((root / name).is_file() for name in LDM_FILES):
         config, ckpt = (root / name for name in LDM_FILES)
+        if probing:
+            parts = ldm_parts(ldm_spec(config), timestep_spacing, set_alpha_to_one, need_unet=need_unet)
+            return dataclasses.replace(parts, pretrained=True)
         return ldm_parts(ldm_spec(config), timestep_spacing, set_alpha_to_one, need_unet=need_unet,
                          checkpoint=load_official_file(ckpt),
                          provenance={"ldm.checkpoint": f"sha256:{file_sha256(ckpt)}"})
@@ -195,21 +200,27 @@ def load_pretrained_ldm(path: str, timestep_spacing: str, set_alpha_to_one: bool
                                  f"expected {hint}")
     index = json.loads((root / "model_index.json").read_text())
     kw = dict(local_files_only=True)
+
+    def load(cls, subfolder: str):
+        if probing:  # the architecture from its config, no weights read
+            return cls.from_config(cls.load_config(root, subfolder=subfolder, **kw))
+        return cls.from_pretrained(root, subfolder=subfolder, **kw)
+
     if "vqvae" in index:
-        ae_name, ae = "vqvae", VQModel.from_pretrained(root, subfolder="vqvae", **kw)
+        ae_name, ae = "vqvae", load(VQModel, "vqvae")
         scale = 1.0  # LDM's VQ models are used unscaled (LDMPipeline decodes the raw latent)
     elif "vae" in index:
-        ae_name, ae = "vae", AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+        ae_name, ae = "vae", load(AutoencoderKL, "vae")
         scale = float(ae.config.scaling_factor)  # LDM's scale_factor (MIDMs itself skips it: quirk)
     else:
         raise PretrainedLDMError(f"midms: {root}/model_index.json names neither 'vqvae' nor 'vae'; expected {hint}")
     for part in ("unet", "scheduler"):
         if part not in index:
             raise PretrainedLDMError(f"midms: {root}/model_index.json has no '{part}'; expected {hint}")
-    unet = UNet2DModel.from_pretrained(root, subfolder="unet", **kw) if need_unet else None
+    unet = load(UNet2DModel, "unet") if need_unet else None
     base = DDIMScheduler.load_config(root, subfolder="scheduler", **kw)
-    provenance = {f"ldm.{ae_name}": _weights_hash(root / ae_name)}
-    if need_unet:
+    provenance = {} if probing else {f"ldm.{ae_name}": _weights_hash(root / ae_name)}
+    if need_unet and not probing:
         provenance["ldm.unet"] = _weights_hash(root / "unet")
     return LatentDiffusionParts(first_stage=ae, unet=unet, latent_scale=scale, provenance=provenance,
                                 scheduler=sampling_scheduler(base, timestep_spacing, set_alpha_to_one),
