@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from bench.progress import ProgressPrinter, summary_table
 from bench.sweep import TrialConfig
+from bench.sweep_lock import SweepLock, SweepLocked
 from bench.tracking import (DEFAULT_ARTIFACTS, default_tracking_uri, end_parent, ensure_experiment, finished_keys,
                             parent_run, trial_runs)
 from bench.trial import Reporter, TrialEnv, copy_checkpoint_out, run_trial
@@ -74,7 +76,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     if cfg.resources.workers > 1:
         from bench.distributed import launch_data_parallel
 
-        if finished_keys(env.tracking_uri, env.experiment_id, [cfg.key]):
+        if not env.force and finished_keys(env.tracking_uri, env.experiment_id, [cfg.key]):
             print(f"[{cfg.name}] already FINISHED: skipped", flush=True)
             tune.report({"status": "SKIPPED"})
             return
@@ -136,10 +138,41 @@ def worker_env(pythonpath: List[str]) -> Dict[str, str]:
 
 
 def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print) -> int:
-    """Run (or resume) a sweep; returns the exit code (0 when every trial FINISHED)."""
+    """Run (or resume) a sweep; returns the exit code (0 when every trial FINISHED, 2 when it could
+    not start: another driver runs it, or the cluster cannot fit a trial)."""
+    workdir = opts.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = SweepLock(opts.tracking_uri or default_tracking_uri(workdir), name, workdir).acquire()
+    except SweepLocked as exc:
+        log(f"error: {exc}")
+        return 2
+    try:
+        return _run_sweep(name, trials, opts, workdir, log)
+    finally:
+        lock.release()
+
+
+def _run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, workdir: Path, log) -> int:
     from ray import tune
 
-    workdir = opts.workdir.resolve()
+    # An existing cluster is asked what it has right after connecting, before any MLflow run exists
+    # or any trial is launched: a trial that fits nowhere would wait forever (a local Ray's
+    # resources were checked by the preflight, before Ray started).
+    attached = opts.address or os.environ.get("RAY_ADDRESS")
+    owns_ray_early = False
+    if attached and trials:
+        import ray
+
+        from bench.preflight import Verdict, check_resources
+
+        owns_ray_early = init_ray(opts, log)
+        problems = check_resources(trials, ray.cluster_resources(), where=f"the cluster at {attached}")
+        if problems:
+            log(Verdict(problems=problems).report(opts.sweep_file or name))
+            if owns_ray_early:
+                ray.shutdown()
+            return 2
     uri = opts.tracking_uri or default_tracking_uri(workdir)
     storage = workdir / "results" / "ray"
     storage.mkdir(parents=True, exist_ok=True)
@@ -149,7 +182,8 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
                   **opts.extra_tags}
     parent_id = parent_run(uri, experiment_id, name, sweep_tags)
     env = TrialEnv(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_id,
-                   cache_dir=str(workdir / ".cache" / "bench"), tags=sweep_tags)
+                   cache_dir=str(workdir / ".cache" / "bench"), tags=sweep_tags,
+                   invocation=uuid.uuid4().hex[:16], force=opts.force)
 
     todo = list(trials)
     if not opts.force:
@@ -162,7 +196,7 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
     latest = storage / f"{name}.latest"
     t0 = time.time()
     if todo:
-        owns_ray = init_ray(opts, log)
+        owns_ray = init_ray(opts, log) or owns_ray_early
         try:
             res = todo[0].resources
             if res.workers > 1:
@@ -212,6 +246,10 @@ def run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, log=print)
 
             if owns_ray:
                 ray.shutdown()
+    elif owns_ray_early:  # connected to check resources, then found nothing left to run
+        import ray
+
+        ray.shutdown()
 
     # The summary comes from MLflow: it knows about skipped, resumed and failed trials alike.
     runs = trial_runs(uri, experiment_id, [t.key for t in trials])

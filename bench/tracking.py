@@ -47,6 +47,10 @@ def ensure_experiment(uri: str, name: str, artifact_root: Optional[Path]) -> str
     return client.create_experiment(name, artifact_location=location)
 
 
+INVOCATION_TAG = "bench.invocation"  # which bench.run call made a run (--force tells its own runs apart)
+SUPERSEDED_TAG = "bench.superseded_by"  # on a FINISHED run a --force re-run replaced: the new run's id
+
+
 def find_runs(uri: str, experiment_id: str, filter_string: str) -> List[Any]:
     client = _client(uri)
     runs, token = [], None
@@ -118,10 +122,20 @@ class TrialRun:
     """A trial's MLflow run: created once, continued on resume, logged idempotently."""
 
     def __init__(self, uri: str, experiment_id: str, parent_id: str, name: str, key: str,
-                 tags: Dict[str, str]):
+                 tags: Dict[str, str], invocation: str = "", force: bool = False):
+        """``invocation``: the ``bench.run`` call that runs the trial (a tag of the run). With
+        ``force`` (``--force``), only runs of this invocation count: the trial gets a new run, and
+        the FINISHED runs of earlier invocations are tagged ``bench.superseded_by`` when it finishes."""
         self.uri = uri
         self.client = _client(uri)
         existing = [r for r in find_runs(uri, experiment_id, f"tags.`bench.trial_key` = '{key}'")]
+        self.supersedes: List[str] = []
+        if force:
+            mine = [r for r in existing if r.data.tags.get(INVOCATION_TAG) == invocation]
+            self.supersedes = [r.info.run_id for r in existing if r not in mine and r.info.status == "FINISHED"]
+            existing = mine
+        if invocation:
+            tags = {**tags, INVOCATION_TAG: invocation}
         finished = [r for r in existing if r.info.status == "FINISHED"]
         self.already_finished = bool(finished)
         if finished:
@@ -189,4 +203,7 @@ class TrialRun:
     def finish(self, status: str = "FINISHED") -> None:
         self.set_tags({"bench.status": status})
         self.client.set_terminated(self.run_id, status="FINISHED" if status == "FINISHED" else "FAILED")
+        if status == "FINISHED":  # --force: the earlier results stay, pointing at what replaced them
+            for old in self.supersedes:
+                self.client.set_tag(old, SUPERSEDED_TAG, self.run_id)
 

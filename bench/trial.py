@@ -51,6 +51,8 @@ class TrialEnv:
     parent_run_id: str
     cache_dir: str
     tags: Dict[str, str] = field(default_factory=dict)  # git sha, sweep file and hash, ...
+    invocation: str = ""  # the bench.run call (a resumed invocation keeps its id)
+    force: bool = False  # --force: a new run even when the trial already FINISHED
 
 
 class Reporter:
@@ -254,7 +256,7 @@ def run_trial(cfg: TrialConfig, env: TrialEnv, reporter: Reporter = Reporter(),
         run = TrialRun(env.tracking_uri, env.experiment_id, env.parent_run_id, cfg.name, cfg.key,
                        tags={"bench.method": cfg.method, "bench.variant": cfg.variant,
                              "bench.dataset": cfg.dataset_label, "bench.seed": str(cfg.seed),
-                             "bench.sweep": cfg.sweep, **env.tags})
+                             "bench.sweep": cfg.sweep, **env.tags}, invocation=env.invocation, force=env.force)
     else:
         run = _NoRun()
     if run.already_finished:

@@ -180,3 +180,27 @@ def test_building_backbones_leaves_the_random_streams_alone(env):
         metrics = build_trial_metrics(cfg, names, eval_ds, torch.device("cpu"), env)
         vgg.load_vgg19_features(BackboneSettings(allow_untrained=True, download=False, seed=5))
         assert set(metrics) == set(names) and streams() == before
+
+
+def test_force_reruns_a_finished_trial_in_a_new_run_and_keeps_the_old_one(env):
+    """--force: a new run per trial (an invocation's own finished run is not redone twice); the
+    old FINISHED run is kept, tagged bench.superseded_by the new one; reports take the newest."""
+    import dataclasses
+
+    from bench.report_data import finished_trials, search_frame
+
+    cfg = toy_trial(steps=2)
+    first = run_trial(cfg, dataclasses.replace(env, invocation="inv-a"), line=lambda s: None)
+    assert run_trial(cfg, dataclasses.replace(env, invocation="inv-b"), line=lambda s: None)["status"] == "SKIPPED"
+    forced_env = dataclasses.replace(env, invocation="inv-c", force=True)
+    forced = run_trial(cfg, forced_env, line=lambda s: None)
+    assert forced["status"] == "FINISHED" and forced["run_id"] != first["run_id"]
+    # A retry inside the forced invocation finds its own FINISHED run and does not run a third time.
+    assert run_trial(cfg, forced_env, line=lambda s: None)["status"] == "SKIPPED"
+    client = MlflowClient(env.tracking_uri)
+    old = client.get_run(first["run_id"])
+    assert old.info.status == "FINISHED" and old.data.tags["bench.superseded_by"] == forced["run_id"]
+    assert "bench.superseded_by" not in client.get_run(forced["run_id"]).data.tags
+    exp_name = client.get_experiment(env.experiment_id).name
+    ok, _ = finished_trials(search_frame(exp_name, env.tracking_uri))
+    assert list(ok["run_id"]) == [forced["run_id"]]
