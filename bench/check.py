@@ -102,14 +102,38 @@ class Result:
 
 # ---- baseline files --------------------------------------------------------------------------
 def load_baseline(path: Path) -> Tuple[Dict[str, Any], List[Entry]]:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    """The baseline file; every problem a one-line ``BaselineError`` naming the file and entry."""
+    from bench.config import ConfigError
+    from bench.yaml_input import read_yaml_file
+
+    try:
+        raw, _ = read_yaml_file(path, "baseline file")
+    except ConfigError as exc:
+        raise BaselineError(str(exc)) from None
+    raw = raw or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries") or [], list):
+        raise BaselineError(f"{path}: a baseline is a mapping with a list 'entries' of "
+                            f"{{method, variant, dataset, metrics}} (write one with --update)")
+    try:
+        return raw, _entries(path, raw)
+    except BaselineError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        raise BaselineError(f"{path}: malformed entry ({type(exc).__name__}: {exc})") from None
+
+
+def _entries(path: Path, raw: Dict[str, Any]) -> List[Entry]:
     entries = []
     for i, e in enumerate(raw.get("entries") or []):
         where = f"{path}: entries[{i}]"
+        if not isinstance(e, dict):
+            raise BaselineError(f"{where}: expected a mapping with method, variant, dataset, metrics")
         missing = [k for k in ("method", "variant", "dataset", "metrics") if k not in e]
         if missing:
             raise BaselineError(f"{where}: missing {', '.join(missing)}")
         exp = []
+        if not isinstance(e["metrics"], dict):
+            raise BaselineError(f"{where}.metrics: expected a mapping metric -> {{value, rule, tolerance}}")
         for m, spec in e["metrics"].items():
             if not isinstance(spec, dict):
                 raise BaselineError(f"{where}.metrics.{m}: expected a mapping with value/rule/tolerance")
@@ -122,7 +146,7 @@ def load_baseline(path: Path) -> Tuple[Dict[str, Any], List[Entry]]:
                                 float(spec.get("rel_tolerance", 0.0))))
         entries.append(Entry(str(e["method"]), str(e["variant"]), str(e["dataset"]), exp,
                              [int(s) for s in e["seeds"]] if e.get("seeds") is not None else None))
-    return raw, entries
+    return entries
 
 
 def _default_rule(metric: str) -> Optional[str]:

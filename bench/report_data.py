@@ -145,8 +145,26 @@ class PublishedTable:
         return None if v is None else float(v)
 
 
+class PublishedError(LookupError):
+    """The published-numbers file is unreadable or malformed (one line naming it)."""
+
+
 def load_published(path: Path = PUBLISHED_FILE) -> List[PublishedTable]:
-    raw = yaml.safe_load(Path(path).read_text())
+    from bench.config import ConfigError
+    from bench.yaml_input import read_yaml_file
+
+    try:
+        raw, _ = read_yaml_file(path, "published tables file")
+        if not isinstance(raw, dict):
+            raise PublishedError(f"{path}: expected a mapping with 'papers' and 'tables'")
+        return _published_tables(path, raw)
+    except ConfigError as exc:
+        raise PublishedError(str(exc)) from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise PublishedError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _published_tables(path: Path, raw: dict) -> List[PublishedTable]:
     papers = raw.get("papers", {})
     out = []
     for t in raw.get("tables", []):
@@ -154,7 +172,7 @@ def load_published(path: Path = PUBLISHED_FILE) -> List[PublishedTable]:
         for key, row in t["rows"].items():
             for ds, vals in (row.get("values") or {}).items():
                 if len(vals) != len(t["metrics"]):
-                    raise ValueError(f"{path}: table {t['id']} row {key} dataset {ds}: {len(vals)} values for "
+                    raise PublishedError(f"{path}: table {t['id']} row {key} dataset {ds}: {len(vals)} values for "
                                      f"{len(t['metrics'])} metrics {t['metrics']}")
         out.append(PublishedTable(id=t["id"], paper=f"{p['short']} ({p['cite']})", table=t["table"],
                                   caption=t.get("caption", ""), metrics=list(t["metrics"]),

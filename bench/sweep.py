@@ -208,8 +208,9 @@ def _validate(spec: SweepSpec, where: _Where) -> None:
                 METRICS.get(name)
             except KeyError as exc:
                 raise where(["eval", "metrics", i], str(exc)) from None
-    if spec.scale.resolution < 16:
-        raise where(["scale", "resolution"], f"must be >= 16, got {spec.scale.resolution}")
+    if not MIN_RESOLUTION <= spec.scale.resolution <= MAX_RESOLUTION:
+        raise where(["scale", "resolution"], f"must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], "
+                                             f"got {spec.scale.resolution}")
     if spec.train.steps < 0 or spec.train.batch_size < 1:
         raise where(["train"], "steps must be >= 0 and batch_size >= 1")
     if spec.eval.num_samples < 1 or spec.eval.batch_size < 1:
@@ -307,6 +308,10 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
                 scale = build(ScaleConfig, sections["scale"], vpath, where)
                 if d.resolution:
                     scale = dataclasses.replace(scale, resolution=d.resolution)
+                if not MIN_RESOLUTION <= scale.resolution <= MAX_RESOLUTION:
+                    raise where(vpath if d.resolution is None else ["datasets"],
+                                f"resolution {scale.resolution} is outside [{MIN_RESOLUTION}, {MAX_RESOLUTION}] "
+                                f"(scale.resolution, or the dataset's resolution)")
                 init_from = _init_from(m, d, spec.checkpoints_dir, ["methods", mi, "init_from"], where)
                 for seed in spec.seeds:
                     trials.append(TrialConfig(
@@ -329,6 +334,9 @@ def _with_dataset_options(d: DatasetSpec, extra: Dict[str, Any], path, where: _W
 
 
 RUN_ID_PREFIX = "run:"
+# Image sides a trial may ask for: the papers use 64..1024; beyond 4096 is a typo that would make
+# loaders allocate gigabytes (already in the preflight, which opens the data).
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
 
 
 def _init_from(m: MethodEntry, d: DatasetSpec, checkpoints_dir: Optional[str], path, where: _Where) -> str:

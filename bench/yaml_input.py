@@ -55,8 +55,9 @@ def parse_yaml(text: str, origin: str, what: str = "sweep file") -> Any:
     if "\x00" in text:
         line = text[:text.index("\x00")].count("\n") + 1
         raise ConfigError(f"{origin}:{line}: {what} contains a NUL byte; it is not a text file")
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters: a YAMLError too
         node = loader.get_single_node()
         if node is None:
             return None
@@ -74,7 +75,8 @@ def parse_yaml(text: str, origin: str, what: str = "sweep file") -> Any:
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp 2026-13-45, a 5000-digit int
         raise ConfigError(f"{origin}: {what} has a value YAML cannot construct: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_shape(root: yaml.Node, origin: str, what: str) -> None:

@@ -161,7 +161,9 @@ class InceptionExtractor:
         self.provenance = provenance_of(path, settings.seed)
         self.untrained = path is None
         self.resize = build_resizer(mode)
-        self.net = self._build(mode, path, settings.seed, device)
+        # The sweep preflight only asks which file this needs (it is ``path``'s look-up); building a
+        # random Inception, even on the meta device, would cost it seconds per metric.
+        self.net = None if probing_weights() else self._build(mode, path, settings.seed, device)
         if path is None:
             self.backbone = STAND_IN + (STAND_IN_TF_RESIZE if mode == "legacy_tensorflow" else "")
         else:
