@@ -1,6 +1,7 @@
 """Sweeps through Ray Tune and MLflow: failures, divergence, dedupe, the quickstart's promises."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,13 @@ def test_quickstart_sweep_logs_what_the_readme_promises(ray_session, tmp_path):
     assert run_sweep(spec.name, trials, opts, log=lines.append) == 0
     assert "skipped 4 finished" in lines
     assert len(children(uri, "quickstart")[2]) == 4
+    # --force: the finished trial runs again in a new run; the old one stays, pointing at it.
+    forced = dataclasses.replace(opts, force=True)
+    assert run_sweep(spec.name, trials[:1], forced, log=lines.append) == 0
+    kids = children(uri, "quickstart")[2]
+    mine = sorted((r for r in kids if r.info.run_name == trials[0].name), key=lambda r: r.info.start_time)
+    assert len(kids) == 5 and len(mine) == 2 and all(r.info.status == "FINISHED" for r in mine)
+    assert mine[0].data.tags["bench.superseded_by"] == mine[1].info.run_id
 
 
 def test_spade_on_a_real_fixture_dataset(ray_session, real_fixtures, tmp_path):
