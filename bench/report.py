@@ -40,6 +40,7 @@ def build_report(name: str, tracking_uri: Optional[str] = None, workdir: Path = 
     """Build the report of sweep/experiment ``name``; returns the path of its ``index.md``."""
     workdir = Path(workdir)
     experiment = resolve_experiment(name)
+    published = load_published(published_file)  # a malformed file is said before any store is opened
     uri = tracking_uri or default_tracking_uri(workdir.resolve())
     out = Path(out_dir) if out_dir is not None else workdir / "reports" / experiment
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,6 @@ def build_report(name: str, tracking_uri: Optional[str] = None, workdir: Path = 
         shutil.rmtree(out / sub, ignore_errors=True)
 
     runset = load_runs(experiment, uri)
-    published = load_published(published_file)
     omitted: List[str] = []
     tables = summary_tables(runset, published) + paper_tables(runset, published, omitted)
     for t in tables:

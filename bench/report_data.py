@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_FILE = REPO_ROOT / "reports" / "published.yaml"
@@ -295,9 +294,18 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
 
 def resolve_experiment(target: str) -> str:
     """A sweep file -> its ``name``; anything else is an experiment name."""
+    from bench.config import ConfigError
+    from bench.yaml_input import read_yaml_file
+
     p = Path(target)
     if p.suffix in (".yaml", ".yml") and p.is_file():
-        return str(yaml.safe_load(p.read_text())["name"])
+        try:
+            raw, _ = read_yaml_file(p, "sweep file")
+        except ConfigError as exc:
+            raise LookupError(str(exc)) from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise LookupError(f"{p}: a sweep file needs a 'name' (the MLflow experiment)")
+        return raw["name"]
     return target
 
 

@@ -67,7 +67,7 @@ def parse_yaml(text: str, origin: str, what: str = "sweep file") -> Any:
         raise
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        at = f"{origin}:{mark.line + 1}" if mark else origin
+        at = f"{origin}:{mark.line + 1}" if mark and "\n" in text else origin  # one-line text: no line number
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{at}: not valid YAML: {problem}") from None
     except RecursionError:
