@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 
 from bench import stats
-from bench.report_data import (add_columns, canonical_dataset, finished_trials, metric_info, metric_sort_key,
+from bench.report.data import (add_columns, canonical_dataset, finished_trials, metric_info, metric_sort_key,
                                resolve_experiment, search_frame, tag)
 from bench.tracking import default_tracking_uri
 

@@ -18,51 +18,11 @@ launched from inside the Tune trial (the Ray Train V2 pattern, reference/harness
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
-import torch.distributed as dist
-
-
-@dataclass(frozen=True)
-class Shard:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def broadcast_state(module: torch.nn.Module) -> None:
-    """Start every worker from rank 0's parameters and buffers."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=0)
-
-
-def average_gradients_before_step(method, world: int) -> None:
-    """Wrap each optimiser's ``step`` to all-reduce (mean) its parameters' gradients first."""
-    for opt in method.optimizers().values():
-        original = opt.step
-
-        def step(*args, _opt=opt, _original=original, **kwargs):
-            params = [p for g in _opt.param_groups for p in g["params"]]
-            for p in params:
-                if p.grad is None:  # keep every worker's all-reduce sequence identical
-                    p.grad = torch.zeros_like(p)
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-                offset += n
-            return _original(*args, **kwargs)
-
-        opt.step = step
+from bench.data_parallel import Shard
+from bench.trial import TrialEnv, copy_checkpoint_out, run_trial
 
 
 class TrainReporter:
@@ -74,8 +34,6 @@ class TrainReporter:
 
     def restore_dir(self) -> Optional[Path]:
         import ray.train
-
-        from bench.trial import copy_checkpoint_out
 
         ckpt = ray.train.get_checkpoint()
         return copy_checkpoint_out(ckpt) if ckpt is not None else None
@@ -94,7 +52,6 @@ def _worker_loop(config: Dict[str, Any]) -> None:
 
     from bench.plugins import load_plugins
     from bench.sweep import TrialConfig
-    from bench.trial import TrialEnv, run_trial
 
     load_plugins()
     ctx = ray.train.get_context()

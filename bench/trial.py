@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench.distributed import Shard, average_gradients_before_step, broadcast_state
+from bench.data_parallel import Shard, average_gradients_before_step, broadcast_state
 from bench.evaluate import build_metrics, evaluate, select_metrics
 from bench.grid import grid_rows, save_grid
 from bench.init_from import apply_init_from, load_init_from

@@ -12,7 +12,7 @@ import yaml
 
 from bench.check import compare, load_baseline, main as check_main
 from bench.report import build_report
-from bench.report_data import add_columns, finished_trials, search_frame
+from bench.report.data import add_columns, finished_trials, search_frame
 from bench.runner import RunOptions, run_sweep
 from bench.sweep import expand, spec_from_dict
 from tests.test_report import Store, empty_store  # noqa: F401  (fixture)

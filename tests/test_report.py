@@ -21,10 +21,10 @@ from mlflow.tracking import MlflowClient
 
 from bench import stats
 from bench.report import build_report, main as report_main
-from bench.report_data import load_published, load_runs, metric_info
-from bench.report_figures import qualitative_figures, split_grid
-from bench.report_plots import find_axes
-from bench.report_tables import paper_tables, summary_tables, to_csv, to_latex, to_markdown
+from bench.report.data import load_published, load_runs, metric_info
+from bench.report.figures import qualitative_figures, split_grid
+from bench.report.plots import find_axes
+from bench.report.tables import paper_tables, summary_tables, to_csv, to_latex, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -182,7 +182,7 @@ def test_mutated_baselines_give_a_clean_error(tmp_path_factory, data):
 @given(data=st.one_of(byte_mutations(), st.builds(lambda v: yaml.safe_dump({"tables": v, "papers": v}).encode(),
                                                   values)))
 def test_mutated_published_tables_give_a_clean_error(tmp_path_factory, data):
-    from bench.report_data import PublishedError, load_published
+    from bench.report.data import PublishedError, load_published
 
     tmp = tmp_path_factory.mktemp("fuzz")
     path = tmp / "published.yaml"

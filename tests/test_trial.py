@@ -187,7 +187,7 @@ def test_force_reruns_a_finished_trial_in_a_new_run_and_keeps_the_old_one(env):
     old FINISHED run is kept, tagged bench.superseded_by the new one; reports take the newest."""
     import dataclasses
 
-    from bench.report_data import finished_trials, search_frame
+    from bench.report.data import finished_trials, search_frame
 
     cfg = toy_trial(steps=2)
     first = run_trial(cfg, dataclasses.replace(env, invocation="inv-a"), line=lambda s: None)

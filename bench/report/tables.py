@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from bench import stats
-from bench.report_data import (FAMILIES, PublishedTable, RunSet, canonical_dataset, metric_info, row_matches,
+from bench.report.data import (FAMILIES, PublishedTable, RunSet, canonical_dataset, metric_info, row_matches,
                                untrained_split)
 
 # Cell marks (Markdown / LaTeX); explained in every table's footnotes.

@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 from bench.grid import LABEL_WIDTH
-from bench.report_data import RunSet
-from bench.report_plots import plt, save
-from bench.report_tables import row_labels
+from bench.report.data import RunSet
+from bench.report.plots import plt, save
+from bench.report.tables import row_labels
 
 PAD = 2
 GRID_ARTIFACT = "samples/grid.png"

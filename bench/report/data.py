@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED_FILE = REPO_ROOT / "reports" / "published.yaml"
 
 

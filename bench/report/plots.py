@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from bench import stats  # noqa: E402
-from bench.report_data import (FAMILIES, PublishedTable, RunSet, canonical_dataset, metric_info,  # noqa: E402
+from bench.report.data import (FAMILIES, PublishedTable, RunSet, canonical_dataset, metric_info,  # noqa: E402
                                metric_sort_key, row_matches, untrained_split)
 
 OPTION_PREFIX = "params.method_options."

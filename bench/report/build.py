@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from bench.report_data import PUBLISHED_FILE, RunSet, load_published, load_runs, resolve_experiment
-from bench.report_tables import (Table, cells_frame, paper_tables, pairwise_frame, summary_tables, to_csv, to_latex,
+from bench.report.data import PUBLISHED_FILE, RunSet, load_published, load_runs, resolve_experiment
+from bench.report.tables import (Table, cells_frame, paper_tables, pairwise_frame, summary_tables, to_csv, to_latex,
                                  to_markdown)
 from bench.tracking import default_tracking_uri
 
@@ -64,8 +64,8 @@ def build_report(name: str, tracking_uri: Optional[str] = None, workdir: Path = 
     figures: List[Path] = []
     notes: List[str] = []
     if not runset.runs.empty:
-        from bench.report_figures import qualitative_figures
-        from bench.report_plots import axis_plots, training_curves
+        from bench.report.figures import qualitative_figures
+        from bench.report.plots import axis_plots, training_curves
 
         plots = axis_plots(runset, published, out / "plots") + training_curves(runset, out / "plots")
         figures, notes = qualitative_figures(runset, out / "figures", seed=figure_seed)
@@ -148,5 +148,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
