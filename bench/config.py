@@ -56,6 +56,20 @@ class EvalConfig:
     allow_untrained_backbones: bool = False  # opt-in: random-init Inception/VGG/AlexNet, labelled
     grid_samples: int = 6  # columns of the logged sample grid
     metric_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-metric settings
+    # Evaluation during training: every N steps (0: only at the end) the same metrics are computed
+    # and logged at their step (metric curves in MLflow and the report). The trial's random streams
+    # are put back after each one, so training is the same with or without it.
+    every: int = 0
+    # Which weights the trial ends with: "final" (the last step's) or "best:<metric>" (e.g.
+    # best:fid_sources; the periodic evaluation with the best value, in the metric's own direction).
+    # The kept step is the param eval.best_step; the final metrics and checkpoint describe it.
+    select: str = "final"
+    # Every evaluated output, with its condition, exemplar and target, saved to the run's artifacts
+    # (outputs/) as png (lossless) or jpg (quality 95), so other code can score them; none: not saved.
+    save_outputs: str = "none"
+    # What the metrics read: "memory" (the generated tensors) or "files" (the outputs as written in
+    # save_outputs' format and read back: what scoring the saved images elsewhere would see).
+    score_from: str = "memory"
 
 
 @dataclass

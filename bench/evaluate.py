@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from bench.metrics import METRICS
-from bench.metrics.base import Metric, MetricContext
+from bench.metrics.base import Metric, MetricContext, to_uint8_hwc
 from datasets.base import DataInfo
 from methods.base import ExemplarMethod, MethodOutput
 
@@ -52,17 +53,23 @@ def roll_exemplars(batch: Dict[str, torch.Tensor], k: int) -> Dict[str, torch.Te
 
 @torch.no_grad()
 def evaluate(method: ExemplarMethod, loader, metrics: Dict[str, Metric], device: torch.device,
-             grid_samples: int = 6, progress=None) -> Tuple[Dict[str, float], Optional[tuple]]:
-    """Run every metric over the loader; returns (metric values, (grid batch, grid output))."""
+             grid_samples: int = 6, progress=None, writer=None) -> Tuple[Dict[str, float], Optional[tuple]]:
+    """Run every metric over the loader; returns (metric values, (grid batch, grid output)).
+
+    ``writer`` (``bench.outputs.OutputWriter``): saves each batch's images and hands back the output
+    the metrics score (the file's, when it reads them back)."""
     was_training = method.training
     method.eval()
     k_max = max((m.exemplars_per_input for m in metrics.values()), default=1)
     memos = list({id(m.ctx.memo): m.ctx.memo for m in metrics.values()}.values())
     grid = None
     seen = 0
+    exemplar_l1: List[float] = []  # the copy-collapse diagnostic (collapse_warnings)
     for batch in loader:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         out: MethodOutput = method.generate(batch)
+        if writer is not None:
+            out = writer(batch, out)
         outs = [out]
         for k in range(1, k_max):
             outs.append(method.generate(roll_exemplars(batch, k)))
@@ -71,6 +78,9 @@ def evaluate(method: ExemplarMethod, loader, metrics: Dict[str, Metric], device:
                 m.update_multi(batch, outs[: m.exemplars_per_input])
             else:
                 m.update(batch, out)
+        if "exemplar" in batch and batch["exemplar"].shape == out.output.shape:
+            diff = to_uint8_hwc(out.output).astype(np.float32) - to_uint8_hwc(batch["exemplar"]).astype(np.float32)
+            exemplar_l1 += np.abs(diff).reshape(diff.shape[0], -1).mean(axis=1).tolist()
         for memo in memos:  # features shared by the metrics for this batch (EvalMemo) are dropped
             memo.end_batch()
         if grid is None:
@@ -83,5 +93,26 @@ def evaluate(method: ExemplarMethod, loader, metrics: Dict[str, Metric], device:
     values: Dict[str, float] = {}
     for m in metrics.values():
         values.update(m.compute())
+    if exemplar_l1:
+        values["exemplar_l1"] = float(np.mean(exemplar_l1))
     method.train(was_training)
     return values, grid
+
+
+# A model can score plausibly and still be degenerate; these catch the two collapses exemplar-based
+# translation is known for. Thresholds are far below what any working model shows: L1 in 0-255 units
+# per pixel (a copy differs from its exemplar by JPEG-level noise at most), LPIPS diversity ~0 means
+# the outputs do not change when the exemplar does.
+COPY_L1 = 1.0
+MIN_DIVERSITY = 0.005
+
+
+def collapse_warnings(values: Dict[str, float]) -> List[str]:
+    """Reasons a trial's outputs look collapsed (empty: none), from its evaluation values."""
+    out = []
+    if values.get("exemplar_l1", COPY_L1) < COPY_L1:
+        out.append(f"outputs copy the exemplar (mean L1 to it {values['exemplar_l1']:.2f}/255 < {COPY_L1})")
+    if values.get("lpips_diversity", MIN_DIVERSITY) < MIN_DIVERSITY:
+        out.append(f"outputs do not vary with the exemplar (LPIPS diversity {values['lpips_diversity']:.4f} "
+                   f"< {MIN_DIVERSITY})")
+    return out

@@ -25,7 +25,10 @@ from datasets.base import DatasetSpec
 
 # Settings that change how a trial is observed, not what it computes: left out of its identity so
 # that, e.g., logging more often does not re-run finished trials.
-_NOT_IDENTITY = {"train": ("log_every", "checkpoint_every", "num_workers"), "eval": ("grid_samples",)}
+_NOT_IDENTITY = {"train": ("log_every", "checkpoint_every", "num_workers"), "eval": ("grid_samples", "save_outputs")}
+# Settings added after trials were first hashed: left out of the identity at their default, so the
+# trials of existing stores keep their keys (and are not re-run) until a sweep sets them.
+_IDENTITY_IF_SET = {"eval": {"every": 0, "select": "final", "score_from": "memory"}}
 
 
 @dataclass
@@ -64,6 +67,12 @@ class TrialConfig:
         for section, keys in _NOT_IDENTITY.items():
             for k in keys:
                 ident[section].pop(k, None)
+        if self.eval.score_from == "files":  # then the saved format changes the numbers (jpg's loss)
+            ident["eval"]["save_outputs"] = self.eval.save_outputs
+        for section, defaults in _IDENTITY_IF_SET.items():
+            for k, default in defaults.items():
+                if ident[section].get(k) == default:
+                    ident[section].pop(k)
         if self.resources.workers > 1:  # data parallelism changes the effective batch
             ident["workers"] = self.resources.workers
         if self.init_from:
@@ -215,11 +224,36 @@ def _validate(spec: SweepSpec, where: _Where) -> None:
         raise where(["train"], "steps must be >= 0 and batch_size >= 1")
     if spec.eval.num_samples < 1 or spec.eval.batch_size < 1:
         raise where(["eval"], "num_samples and batch_size must be >= 1")
+    _validate_eval(spec.eval, ["eval"], where)
     if spec.resources.cpu <= 0 or spec.resources.gpu < 0 or spec.resources.workers < 1:
         raise where(["resources"], "cpu must be > 0, gpu >= 0 and workers >= 1")
     if spec.train.lr_scaling not in ("none", "linear"):
         raise where(["train", "lr_scaling"], f"must be 'none' or 'linear', got {spec.train.lr_scaling!r}")
     expand(spec, where)  # variants and options are checked by expanding once
+
+
+def _validate_eval(e: EvalConfig, path, where: _Where) -> None:
+    """The evaluation schedule and output settings (checked per trial too: variants may set them)."""
+    if e.every < 0:
+        raise where(path + ["every"], f"must be >= 0 (0: evaluate only at the end), got {e.every}")
+    if e.save_outputs not in SAVE_FORMATS:
+        raise where(path + ["save_outputs"], f"must be one of {list(SAVE_FORMATS)}, got {e.save_outputs!r}")
+    if e.score_from not in ("memory", "files"):
+        raise where(path + ["score_from"], f"must be 'memory' or 'files', got {e.score_from!r}")
+    if e.score_from == "files" and e.save_outputs == "none":
+        raise where(path + ["score_from"], "'files' scores the saved outputs: set save_outputs to png or jpg")
+    if e.select != "final":
+        from bench.report.data import metric_info
+
+        metric = e.select[len("best:"):] if e.select.startswith("best:") else None
+        if not metric or metric_info(metric) is None:
+            raise where(path + ["select"], f"must be 'final' or 'best:<metric>' with an evaluation metric "
+                                           f"(e.g. best:fid_sources, best:l1), got {e.select!r}")
+        if e.every <= 0:
+            raise where(path + ["select"], f"{e.select} picks among periodic evaluations: set eval.every > 0")
+
+
+SAVE_FORMATS = ("none", "png", "jpg")
 
 
 def _apply_overrides(options: Dict[str, Any], sections: Dict[str, Any], overrides: Dict[str, Any], path,
@@ -305,6 +339,7 @@ def expand(spec: SweepSpec, where: Optional[_Where] = None) -> List[TrialConfig]
                                           f"method {m.name!r}" + (f" ({', '.join(applied)})" if applied else ""))
                 train = build(TrainConfig, sections["train"], vpath, where)
                 evalc = build(EvalConfig, sections["eval"], vpath, where)
+                _validate_eval(evalc, vpath, where)
                 scale = build(ScaleConfig, sections["scale"], vpath, where)
                 if d.resolution:
                     scale = dataclasses.replace(scale, resolution=d.resolution)

@@ -200,6 +200,9 @@ class TrialRun:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, directory: Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.set_tags({"bench.status": status})
         self.client.set_terminated(self.run_id, status="FINISHED" if status == "FINISHED" else "FAILED")

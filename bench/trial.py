@@ -19,14 +19,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import yaml
 
 from bench.data_parallel import Shard, average_gradients_before_step, broadcast_state
-from bench.evaluate import build_metrics, evaluate, select_metrics
+from bench.evaluate import build_metrics, collapse_warnings, evaluate, select_metrics
 from bench.grid import grid_rows, save_grid
 from bench.init_from import apply_init_from, load_init_from
 from bench.malloc import release_freed_memory
@@ -35,7 +35,7 @@ from bench.sweep import TrialConfig
 from bench.tracking import TrialRun
 from datasets.base import ExemplarDataset
 from datasets.registry import DATASETS
-from methods.base import BackboneSettings, ExemplarMethod, MethodContext
+from methods.base import BackboneSettings, ExemplarMethod, MethodContext, MethodOutput
 from methods.common.weights import is_untrained
 from methods.registry import METHODS
 
@@ -212,27 +212,27 @@ def _to(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 
 def copy_checkpoint_out(ckpt) -> Path:
-    """Copy a Ray checkpoint's state file to a local temp dir (the checkpoint object is only valid
-    inside the session that returned it)."""
+    """Copy a Ray checkpoint's files to a local temp dir (the checkpoint object is only valid inside
+    the session that returned it)."""
     dest = Path(tempfile.mkdtemp(prefix="bench_restore_"))
     with ckpt.as_directory() as d:
-        src = Path(d) / CHECKPOINT_FILE
-        if src.is_file():
-            (dest / CHECKPOINT_FILE).write_bytes(src.read_bytes())
+        for src in Path(d).iterdir():
+            if src.is_file():
+                (dest / src.name).write_bytes(src.read_bytes())
     return dest
 
 
-def _save_state(path: Path, method: ExemplarMethod, step: int) -> None:
+def _save_state(path: Path, method: ExemplarMethod, step: int, hooks: Optional[Dict[str, Any]] = None) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "state": method.training_state(), "rng": rng_state()}, tmp)
+    torch.save({"step": step, "state": method.training_state(), "rng": rng_state(), "hooks": hooks or {}}, tmp)
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, method: ExemplarMethod) -> int:
+def _load_state(path: Path, method: ExemplarMethod) -> Tuple[int, Dict[str, Any]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     method.load_training_state(state["state"])
     set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("hooks", {})
 
 
 # ---- the trial -------------------------------------------------------------------------------
@@ -326,6 +326,7 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
         torch.manual_seed(cfg.seed * 1000 + shard.rank)  # per-worker noise (dropout, diffusion, ...)
     metric_names, skipped_metrics = select_metrics(cfg.eval.metrics, eval_ds.info, method.has_warp)
     metrics = build_trial_metrics(cfg, metric_names if shard.is_main else [], eval_ds, device, env)  # rank 0 evaluates
+    trial = Trial(cfg, env, run, reporter, device, line, shard, method, metrics, eval_ds)
 
     # Params, tags and the resolved config, once (write-once params make this idempotent).
     params = cfg.identity()
@@ -367,77 +368,249 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
             run.log_artifact(sk)
 
     # Resume from the runner's checkpoint, if any.
+    hooks = [LossLog(), PeriodicEvaluation(trial)] if shard.is_main else [LossLog()]
     start = 0
     restore = reporter.restore_dir()
     if restore is not None and (restore / CHECKPOINT_FILE).is_file():
-        start = _load_state(restore / CHECKPOINT_FILE, method)  # the number of steps done
+        start, hook_states = _load_state(restore / CHECKPOINT_FILE, method)  # the number of steps done
+        for h in hooks:
+            h.load_state(hook_states.get(type(h).__name__, {}), restore)
         line(f"[{cfg.name}] resumed from step {start} (run {run.run_id})")
     elif run.resumed:
         line(f"[{cfg.name}] restarting from step 0 in its unfinished run {run.run_id}")
     method.train()
+    train_loop(trial, train_ds, start, hooks, use_amp)
 
-    steps = cfg.train.steps
+    if not shard.is_main:  # rank 0 evaluates and logs; the others report once more and leave
+        reporter.report({"status": "WORKER_DONE", "step": cfg.train.steps, "steps": cfg.train.steps})
+        return {"status": "FINISHED", "metrics": {}, "run_id": None}
+    return finish_trial(trial, hooks[1], t_start)
+
+
+# ---- the loop and its steps ------------------------------------------------------------------
+@dataclass
+class Trial:
+    """What the loop's steps share for one trial."""
+
+    cfg: TrialConfig
+    env: TrialEnv
+    run: Any  # TrialRun (rank 0) or _NoRun
+    reporter: Reporter
+    device: torch.device
+    line: Callable[[str], None]
+    shard: Shard
+    method: ExemplarMethod
+    metrics: Dict[str, Any]  # built once; periodic evaluations rebuild from the same (cached) backbones
+    eval_ds: ExemplarDataset
+
+
+class Hook:
+    """One job of the training loop (logging, evaluation, ...), called after every step. Its state
+    goes into the trial's checkpoints, so a resumed trial continues it (curves without a duplicate
+    point, the best checkpoint so far)."""
+
+    def after_step(self, t: Trial, step: int, losses: Dict[str, float], report: Dict[str, Any]) -> None:
+        pass
+
+    def state(self, directory: Path) -> Dict[str, Any]:
+        """Plain data for the checkpoint file; large tensors go to files in ``directory``."""
+        return {}
+
+    def load_state(self, state: Dict[str, Any], directory: Path) -> None:
+        pass
+
+
+class LossLog(Hook):
+    """Means of the losses over each ``train.log_every`` window, logged at the window's last step,
+    with the speed; also what the progress line shows."""
+
+    def __init__(self):
+        self.window: Dict[str, List[float]] = {}
+        self.t0, self.n = time.time(), 0
+
+    def after_step(self, t, step, losses, report):
+        for k, v in losses.items():
+            self.window.setdefault(k, []).append(v)
+        self.n += 1
+        steps = t.cfg.train.steps
+        if step % max(1, t.cfg.train.log_every) and step != steps:
+            return
+        means = {k: float(np.mean(v)) for k, v in self.window.items()}
+        it_s = self.n / max(time.time() - self.t0, 1e-9)
+        means.update(it_per_s=it_s, s_per_step=1.0 / max(it_s, 1e-9),
+                     images_per_s=it_s * t.cfg.train.batch_size * t.shard.world)
+        t.run.log_metrics(means, step)
+        report.update(step=step, steps=steps, loss=_headline(means), it_per_s=it_s,
+                      eta_s=(steps - step) / max(it_s, 1e-9), status="TRAINING")
+        self.window, self.t0, self.n = {}, time.time(), 0
+
+
+class PeriodicEvaluation(Hook):
+    """``eval.every``: the trial's metrics every N steps, logged as ``eval/<metric>`` at their step
+    (the curves), with the trial's random streams put back afterwards (training is the same with
+    or without it). ``eval.select: best:<metric>`` keeps the weights, values and sample grid of the
+    best evaluation; the final evaluation (at the last step) competes too."""
+
+    BEST_FILE = "best_state.pt"
+
+    def __init__(self, t: Trial):
+        self.every = t.cfg.eval.every
+        self.metric = t.cfg.eval.select[len("best:"):] if t.cfg.eval.select.startswith("best:") else None
+        self.lower_better = True
+        if self.metric:
+            from bench.report.data import metric_info
+
+            self.lower_better = metric_info(self.metric).better == "lower"
+        self.best_step: Optional[int] = None
+        self.best_values: Dict[str, float] = {}
+        self.best_grid = None
+        self._best_file = Path(tempfile.mkdtemp(prefix="bench_best_")) / self.BEST_FILE
+        self.saved_dir: Optional[Path] = None  # the final evaluation's saved outputs (eval.save_outputs)
+
+    def after_step(self, t, step, losses, report):
+        if self.every and step % self.every == 0 and step < t.cfg.train.steps:
+            values, grid = self.evaluate(t, step)
+            self.consider(t, step, values, grid)
+
+    def evaluate(self, t: Trial, step: int):
+        """The metrics now, as ``eval/<metric>`` at ``step``; streams restored. The final evaluation
+        (``step == train.steps``) uses the trial's metrics and keeps its saved outputs."""
+        final, e = step == t.cfg.train.steps, t.cfg.eval
+        scratch = writer = None
+        if e.save_outputs != "none" and (final or e.score_from == "files"):
+            from bench.outputs import OutputWriter
+
+            scratch = Path(tempfile.mkdtemp(prefix="bench_outputs_"))
+            writer = OutputWriter(scratch / "outputs", e.save_outputs, read_back=e.score_from == "files")
+        streams = rng_state()
+        try:
+            metrics = t.metrics if final else build_trial_metrics(
+                t.cfg, list(t.metrics), t.eval_ds, t.device, t.env)  # fresh accumulators, cached backbones
+            values, grid = evaluate(t.method, eval_loader(t.eval_ds, t.cfg), metrics, t.device,
+                                    t.cfg.eval.grid_samples, writer=writer)
+        finally:
+            set_rng_state(streams)
+            if scratch is not None and not final:
+                shutil.rmtree(scratch, ignore_errors=True)
+        if final:
+            self.saved_dir = scratch
+        if self.every:
+            t.run.log_metrics({f"eval/{k}": v for k, v in values.items()}, step)
+        return values, grid
+
+    def consider(self, t: Trial, step: int, values: Dict[str, float], grid) -> None:
+        if self.metric is None or self.metric not in values:
+            return
+        v = values[self.metric]
+        better = self.best_step is None or (v < self.best_values[self.metric] if self.lower_better
+                                            else v > self.best_values[self.metric])
+        if better:
+            self.best_step, self.best_values, self.best_grid = step, dict(values), grid
+            torch.save(t.method.training_state(), self._best_file)
+
+    def restore_best(self, t: Trial) -> bool:
+        """Load the best weights into the method when they are not the final ones."""
+        if self.best_step is None or self.best_step == t.cfg.train.steps:
+            return False
+        t.method.load_training_state(torch.load(self._best_file, map_location="cpu", weights_only=True))
+        return True
+
+    def state(self, directory: Path) -> Dict[str, Any]:
+        if self.best_step is None:
+            return {}
+        shutil.copyfile(self._best_file, directory / self.BEST_FILE)
+        grid = None
+        if self.best_grid is not None:
+            batch, out = self.best_grid
+            grid = {"batch": batch, "output": out.output, "warps": out.warps}
+        return {"best_step": self.best_step, "best_values": self.best_values, "best_grid": grid}
+
+    def load_state(self, state: Dict[str, Any], directory: Path) -> None:
+        if state.get("best_step") is None or not (directory / self.BEST_FILE).is_file():
+            return
+        self.best_step, self.best_values = int(state["best_step"]), dict(state["best_values"])
+        shutil.copyfile(directory / self.BEST_FILE, self._best_file)
+        g = state.get("best_grid")
+        self.best_grid = (g["batch"], MethodOutput(g["output"], g["warps"])) if g else None
+
+
+def train_loop(t: Trial, train_ds, start: int, hooks: List[Hook], use_amp: bool) -> None:
+    """Steps ``start..steps``: a train step, the hooks, and at report points one report to the
+    runner (with a checkpoint every ``train.checkpoint_every`` steps and at the end)."""
+    cfg, steps = t.cfg, t.cfg.train.steps
+    if train_ds is None:
+        return
     # The loader gets its own generator: creating an iterator draws a base seed from it, and from the
     # global RNG without one -- a draw the uninterrupted run makes at step 0 and a resumed run would
     # make at its start step, shifting every random number after it (exact resume would break).
-    loader = () if train_ds is None else torch.utils.data.DataLoader(
-        train_ds, batch_sampler=StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.seed, start, steps, shard),
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.seed, start, steps, t.shard),
         num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + start))
-    window: Dict[str, List[float]] = {}
-    t_window, n_window = time.time(), 0
     step = start
     for batch in loader:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-            losses = method.train_step(_to(batch, device), step)
+            losses = t.method.train_step(_to(batch, t.device), step)
         step += 1
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if bad:
-            run.log_metrics({k: v for k, v in losses.items() if math.isfinite(v)}, step)
+            t.run.log_metrics({k: v for k, v in losses.items() if math.isfinite(v)}, step)
             raise Diverged(f"non-finite loss {', '.join(bad)} at step {step}")
-        for k, v in losses.items():
-            window.setdefault(k, []).append(v)
-        n_window += 1
-        last = step == steps
-        if step % max(1, cfg.train.log_every) == 0 or last:
-            means = {k: float(np.mean(v)) for k, v in window.items()}
-            it_s = n_window / max(time.time() - t_window, 1e-9)
-            means.update(it_per_s=it_s, s_per_step=1.0 / max(it_s, 1e-9),
-                         images_per_s=it_s * cfg.train.batch_size * shard.world)
-            run.log_metrics(means, step)
-            checkpoint = None
-            every = cfg.train.checkpoint_every
-            if ((every and step % every == 0) or last) and shard.is_main:
-                checkpoint = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
-                _save_state(checkpoint / CHECKPOINT_FILE, method, step)
-            reporter.report({"step": step, "steps": steps, "loss": _headline(means), "it_per_s": it_s,
-                             "eta_s": (steps - step) / max(it_s, 1e-9), "status": "TRAINING"}, checkpoint)
-            if checkpoint is not None:
-                shutil.rmtree(checkpoint, ignore_errors=True)
-            window, t_window, n_window = {}, time.time(), 0
+        report: Dict[str, Any] = {}
+        for h in hooks:
+            h.after_step(t, step, losses, report)
+        if not report:  # reports happen at the log points, the same on every data-parallel rank
+            continue
+        checkpoint = None
+        every = cfg.train.checkpoint_every
+        if ((every and step % every == 0) or step == steps) and t.shard.is_main:
+            checkpoint = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
+            _save_state(checkpoint / CHECKPOINT_FILE, t.method, step,
+                        {type(h).__name__: h.state(checkpoint) for h in hooks})
+        t.reporter.report(report, checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
-    if not shard.is_main:  # rank 0 evaluates and logs; the others report once more and leave
-        reporter.report({"status": "WORKER_DONE", "step": steps, "steps": steps})
-        return {"status": "FINISHED", "metrics": {}, "run_id": None}
-    # Evaluation and artifacts.
+
+def finish_trial(t: Trial, periodic: PeriodicEvaluation, t_start: float) -> Dict[str, Any]:
+    """The final evaluation; with ``eval.select: best:<m>`` the best evaluation's weights, values and
+    grid when they beat it. Logs the metrics at the last step, the grid, the kept checkpoint."""
+    cfg, run, steps = t.cfg, t.run, t.cfg.train.steps
     t_eval = time.time()
-    values, grid = evaluate(method, eval_loader(eval_ds, cfg), metrics, device, cfg.eval.grid_samples)
+    values, grid = periodic.evaluate(t, steps)
+    periodic.consider(t, steps, values, grid)
+    params: Dict[str, Any] = {}
+    if periodic.restore_best(t):
+        values, grid = dict(periodic.best_values), periodic.best_grid
+    if periodic.metric:
+        params["eval.best_step"] = periodic.best_step if periodic.best_step is not None else steps
+        t.line(f"[{cfg.name}] kept the weights of step {params['eval.best_step']} ({cfg.eval.select})")
     values["eval_seconds"] = time.time() - t_eval
     values["train_seconds"] = t_eval - t_start
-    values.update(peak_memory_mb(device))
+    values.update(peak_memory_mb(t.device))
     run.log_metrics(values, steps)
-    settings = {f"metric.{n}.{k}": v for n, m in metrics.items() for k, v in m.settings.items()}
-    run.log_params(settings)
+    collapse = collapse_warnings(values)
+    if collapse:
+        run.set_tags({"bench.warning": "; ".join(collapse)})
+        t.line(f"[{cfg.name}] warning: {'; '.join(collapse)}")
+    settings = {f"metric.{n}.{k}": v for n, m in t.metrics.items() for k, v in m.settings.items()}
+    settings["eval.scored_from"] = cfg.eval.score_from
+    settings["eval.outputs_format"] = cfg.eval.save_outputs
+    run.log_params({**settings, **params})
     with tempfile.TemporaryDirectory() as d:
         if grid is not None:
             run.log_artifact(save_grid(grid_rows(*grid), Path(d) / "samples" / "grid.png"), "samples")
         if steps > 0:  # an evaluation-only trial's weights are its init_from checkpoint (tagged)
             ckpt = Path(d) / "checkpoint.pt"
-            _save_state(ckpt, method, steps)
+            _save_state(ckpt, t.method, params.get("eval.best_step", steps))
             run.log_artifact(ckpt, "checkpoints")
+    saved = periodic.saved_dir
+    if saved is not None:
+        run.log_artifacts(saved / "outputs", "outputs")
+        shutil.rmtree(saved, ignore_errors=True)
     run.finish("FINISHED")
     elapsed = time.time() - t_start
-    reporter.report({"status": "FINISHED", "step": steps, "steps": steps, "wall_s": elapsed,
-                     **{f"final/{k}": v for k, v in values.items()}})
+    t.reporter.report({"status": "FINISHED", "step": steps, "steps": steps, "wall_s": elapsed,
+                       **{f"final/{k}": v for k, v in values.items()}})
     return {"status": "FINISHED", "metrics": values, "run_id": run.run_id, "wall_s": elapsed}
 
 

@@ -1,6 +1,7 @@
 """The trial loop without Ray: statuses, idempotent MLflow logging, exact resume from a checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -204,3 +205,77 @@ def test_force_reruns_a_finished_trial_in_a_new_run_and_keeps_the_old_one(env):
     exp_name = client.get_experiment(env.experiment_id).name
     ok, _ = finished_trials(search_frame(exp_name, env.tracking_uri))
     assert list(ok["run_id"]) == [forced["run_id"]]
+
+
+def _histories(env, run_id):
+    client = MlflowClient(env.tracking_uri)
+    run = client.get_run(run_id)
+    return run, {k: history(env, run_id, k) for k in run.data.metrics}
+
+
+def test_periodic_evaluation_logs_curves_without_changing_training(env, tmp_path):
+    """eval.every: eval/<metric> at every 4th step and at the end; the trial's random streams are put
+    back after each evaluation, so losses and final weights equal those of a run without it."""
+    plain = run_trial(toy_trial(input_noise=0.1), env, Recorder(tmp_path / "a"), line=lambda s: None)
+    cfg = toy_trial(input_noise=0.1)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=4), sweep="every")
+    curved = run_trial(cfg, env, Recorder(tmp_path / "b"), line=lambda s: None)
+    _, h0 = _histories(env, plain["run_id"])
+    run, h1 = _histories(env, curved["run_id"])
+    assert [s for s, _ in h1["eval/l1"]] == [4, 8, 12] and [s for s, _ in h1["eval/ssim"]] == [4, 8, 12]
+    assert h1["l1_loss"] == h0["l1_loss"]  # identical training
+    assert h1["eval/l1"][-1][1] == run.data.metrics["l1"] == plain["metrics"]["l1"]
+    assert "eval/l1" not in h0
+
+
+def test_select_best_keeps_the_best_evaluation_and_resumes_it(env, tmp_path):
+    cfg = toy_trial(steps=12)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=2, select="best:psnr"), sweep="best")
+    keep = tmp_path / "keep"
+    res = run_trial(cfg, env, Recorder(keep), line=lambda s: None)
+    run, h = _histories(env, res["run_id"])
+    curve = dict(h["eval/psnr"])
+    best_step = max(curve, key=curve.get)
+    assert int(run.data.params["eval.best_step"]) == best_step
+    assert run.data.metrics["psnr"] == curve[best_step]  # the final metrics describe the kept weights
+    # A trial resumed from its step-8 checkpoint carries the best so far and ends the same way.
+    import mlflow
+
+    exp2 = mlflow.MlflowClient(env.tracking_uri).create_experiment("best-resume")
+    env2 = TrialEnv(env.tracking_uri, exp2, parent_run(env.tracking_uri, exp2, "best-resume", {}), env.cache_dir, {})
+    again = run_trial(cfg, env2, Recorder(tmp_path / "again", restore=keep / "step8"), line=lambda s: None)
+    run2, h2 = _histories(env2, again["run_id"])
+    assert [s for s, _ in h2["eval/psnr"]] == [10, 12]  # no duplicate of the points before the checkpoint
+    assert run2.data.params["eval.best_step"] == run.data.params["eval.best_step"]
+
+
+def test_saved_outputs_can_be_scored_from_the_files(env, tmp_path):
+    """save_outputs png: every evaluated output and its references are artifacts; score_from files
+    with png gives the in-memory numbers (lossless), with jpg the numbers of the decoded files."""
+    cfg = toy_trial(steps=2)
+    results = {}
+    for fmt, source in (("none", "memory"), ("png", "files"), ("jpg", "files")):
+        c = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, save_outputs=fmt, score_from=source),
+                                sweep=f"out-{fmt}")
+        results[fmt] = run_trial(c, env, line=lambda s: None)
+    client = MlflowClient(env.tracking_uri)
+    for fmt in ("png", "jpg"):
+        rid = results[fmt]["run_id"]
+        names = {folder: sorted(a.path.rsplit("/", 1)[1] for a in client.list_artifacts(rid, f"outputs/{folder}"))
+                 for folder in ("output", "real", "exemplar", "cond")}
+        assert names["output"] == [f"{i:05d}.{fmt}" for i in range(4)]
+        assert names["real"] == names["exemplar"] == names["cond"] == [f"{i:05d}.png" for i in range(4)]
+        params = client.get_run(rid).data.params
+        assert params["eval.outputs_format"] == fmt and params["eval.scored_from"] == "files"
+    m = {fmt: results[fmt]["metrics"] for fmt in results}
+    assert m["png"]["l1"] == pytest.approx(m["none"]["l1"], abs=1e-9)  # the metrics quantise to 8 bits too
+    assert m["jpg"]["l1"] != m["png"]["l1"]  # JPEG's loss is in the jpg numbers
+
+
+def test_a_collapsed_model_is_flagged(env):
+    res = run_trial(toy_trial(steps=1, copy_exemplar=True), env, line=lambda s: None)
+    run = MlflowClient(env.tracking_uri).get_run(res["run_id"])
+    assert run.data.metrics["exemplar_l1"] == 0.0
+    assert run.data.tags["bench.warning"].startswith("outputs copy the exemplar")
+    fine = run_trial(toy_trial(steps=1), env, line=lambda s: None)
+    assert "bench.warning" not in MlflowClient(env.tracking_uri).get_run(fine["run_id"]).data.tags

@@ -65,9 +65,10 @@ def build_report(name: str, tracking_uri: Optional[str] = None, workdir: Path = 
     notes: List[str] = []
     if not runset.runs.empty:
         from bench.report.figures import qualitative_figures
-        from bench.report.plots import axis_plots, training_curves
+        from bench.report.plots import axis_plots, evaluation_curves, training_curves
 
-        plots = axis_plots(runset, published, out / "plots") + training_curves(runset, out / "plots")
+        plots = (axis_plots(runset, published, out / "plots") + training_curves(runset, out / "plots")
+                 + evaluation_curves(runset, out / "plots"))
         figures, notes = qualitative_figures(runset, out / "figures", seed=figure_seed)
     index = out / "index.md"
     index.write_text(render_index(runset, tables, plots, figures, notes, out, omitted))
@@ -87,6 +88,11 @@ def render_index(runset: RunSet, tables: List[Table], plots: List[Path], figures
     else:
         lines.append(f"{len(df)} finished trials: {df['row'].nunique()} rows x {df['dataset'].nunique()} datasets "
                      f"x seeds {sorted(int(s) for s in df['seed'].dropna().unique())}.")
+    warned = df[df["tags.bench.warning"].notna()] if "tags.bench.warning" in df.columns else df.iloc[0:0]
+    if len(warned):  # collapse flags (bench.trial): numbers that look fine but come from a degenerate model
+        lines += ["", "Warnings (tag `bench.warning`; their numbers are in the tables, read them with care):"]
+        lines += [f"- {name}: {why}" for name, why in zip(warned.get("tags.mlflow.runName", warned["run_id"]),
+                                                         warned["tags.bench.warning"])]
     if runset.not_finished:
         lines += ["", "Trials without a finished run (left out of every table): "
                   + ", ".join(f"{n} ({s})" for n, s in runset.not_finished) + "."]

@@ -82,6 +82,8 @@ FAMILY_ORDER = {  # column order inside a family
 }
 # Logged with the losses but not losses: throughput (bench/trial.py), or anything named like it.
 THROUGHPUT = re.compile(r"(_per_s|_per_step|_seconds|_mb)$")
+EVAL_PREFIX = "eval/"  # periodic evaluations (eval.every): curves, not final results
+DIAGNOSTICS = ("exemplar_l1",)  # logged by every evaluation for the collapse checks, not a table metric
 
 
 def metric_info(key: str) -> Optional[MetricInfo]:
@@ -225,7 +227,8 @@ class RunSet:
 
     def loss_columns(self) -> List[str]:
         keys = [c[len("metrics."):] for c in self.runs.columns if c.startswith("metrics.")]
-        return [k for k in keys if metric_info(k) is None and not THROUGHPUT.search(k)]
+        return [k for k in keys if metric_info(k) is None and not THROUGHPUT.search(k)
+                and not k.startswith(EVAL_PREFIX) and k not in DIAGNOSTICS]
 
 
 def search_frame(experiment: str, tracking_uri: str, filter_string: str = "") -> pd.DataFrame:

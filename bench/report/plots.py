@@ -23,8 +23,8 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from bench import stats  # noqa: E402
-from bench.report.data import (FAMILIES, PublishedTable, RunSet, canonical_dataset, metric_info,  # noqa: E402
-                               metric_sort_key, row_matches, untrained_split)
+from bench.report.data import (EVAL_PREFIX, FAMILIES, PublishedTable, RunSet, canonical_dataset,  # noqa: E402
+                               metric_info, metric_sort_key, row_matches, untrained_split)
 
 OPTION_PREFIX = "params.method_options."
 MAX_PLOT_METRICS = 4
@@ -201,11 +201,25 @@ def histories(runset: RunSet, run_ids: Sequence[str], keys: Sequence[str]) -> Di
 def training_curves(runset: RunSet, out_dir: Path) -> List[Path]:
     """One figure per (method, dataset): a panel per loss, a line per variant (mean over seeds,
     shaded min-max across seeds)."""
+    return _curves(runset, out_dir, lambda cols: _loss_keys(cols), runset.loss_columns(), "Training curves",
+                   "training")
+
+
+def evaluation_curves(runset: RunSet, out_dir: Path) -> List[Path]:
+    """The periodic evaluations (``eval.every``: metrics logged as ``eval/<metric>`` at their step),
+    laid out like the training curves."""
+    cols = [c[len("metrics."):] for c in runset.runs.columns if c.startswith(f"metrics.{EVAL_PREFIX}")]
+    cols = [c for c in cols if metric_info(c[len(EVAL_PREFIX):]) is not None]
+    pick = lambda keys: sorted(keys, key=lambda k: metric_sort_key(k[len(EVAL_PREFIX):]))[:MAX_LOSSES]  # noqa: E731
+    return _curves(runset, out_dir, pick, cols, "Metrics during training", "evaluation")
+
+
+def _curves(runset: RunSet, out_dir: Path, pick, columns: List[str], title: str, stem: str) -> List[Path]:
     df = runset.runs
     written = []
     for (method, ds), grp in df.groupby(["method", "dataset"], sort=False):
-        cols = [c for c in runset.loss_columns() if grp[f"metrics.{c}"].notna().any()]
-        keys = _loss_keys(cols)
+        cols = [c for c in columns if grp[f"metrics.{c}"].notna().any()]
+        keys = pick(cols)
         if not keys:
             continue
         hist = histories(runset, grp["run_id"].tolist(), keys)
@@ -221,7 +235,8 @@ def training_curves(runset: RunSet, out_dir: Path) -> List[Path]:
                     continue
                 frame = pd.concat(series, axis=1)
                 mean = frame.mean(axis=1)
-                line, = ax.plot(mean.index, mean.values, label=f"{variant} (n={len(series)})")
+                line, = ax.plot(mean.index, mean.values, label=f"{variant} (n={len(series)})",
+                                marker="o" if stem == "evaluation" else None, markersize=3)
                 if len(series) > 1:
                     ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), alpha=0.2,
                                     color=line.get_color())
@@ -229,7 +244,7 @@ def training_curves(runset: RunSet, out_dir: Path) -> List[Path]:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         axs[0][0].legend(fontsize=7)
-        fig.suptitle(f"Training curves: {method} on {ds} (mean over seeds, band = min-max)")
+        fig.suptitle(f"{title}: {method} on {ds} (mean over seeds, band = min-max)")
         fig.tight_layout()
-        written += save(fig, out_dir / f"training_{method}_{ds}")
+        written += save(fig, out_dir / f"{stem}_{method}_{ds}")
     return written

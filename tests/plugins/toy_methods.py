@@ -28,6 +28,7 @@ class ToyOptions:
     kill_once_at_step: int = -1  # the worker process dies (os._exit) at this step, once ...
     kill_marker: str = ""  # ... as recorded by creating this file
     input_noise: float = 0.0  # Gaussian noise on the exemplar in training, drawn from torch's global RNG (as GANs/VAEs do)
+    copy_exemplar: bool = False  # generate returns the exemplar itself: a collapsed model
 
 
 @METHODS.register("toy")
@@ -70,4 +71,6 @@ class ToyMethod(ExemplarMethod):
 
     @torch.no_grad()
     def generate(self, batch):
+        if self.options.copy_exemplar:
+            return MethodOutput(output=batch["exemplar"].clone())
         return MethodOutput(output=self._forward(batch))
