@@ -312,6 +312,29 @@ def resolve_experiment(target: str) -> str:
     return target
 
 
+def add_evaluations(trials: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """Metrics that ``python -m bench.eval`` added to a trial (FINISHED runs tagged
+    ``bench.evaluates=<trial run id>``, newest first) fill that trial's missing metric columns; the
+    trial's own values are kept."""
+    evals = df[(tag(df, "bench.role") == "evaluation") & (df["status"] == "FINISHED")]
+    if evals.empty:
+        return trials
+    trials = trials.copy()
+    evals = evals.sort_values("start_time", ascending=False)
+    by_source = {src: grp for src, grp in evals.groupby(tag(evals, "bench.evaluates"))}
+    cols = [c for c in evals.columns if c.startswith("metrics.")]
+    for i, rid in zip(trials.index, trials["run_id"]):
+        grp = by_source.get(rid)
+        if grp is None:
+            continue
+        for c in cols:
+            have = c in trials.columns and pd.notna(trials.at[i, c])
+            values = grp[c].dropna()
+            if not have and len(values):
+                trials.loc[i, c] = values.iloc[0]
+    return trials
+
+
 def load_runs(experiment: str, tracking_uri: str) -> RunSet:
     from mlflow.tracking import MlflowClient
 
@@ -324,6 +347,7 @@ def load_runs(experiment: str, tracking_uri: str) -> RunSet:
     parent_id = parents.sort_values("start_time").iloc[-1]["run_id"] if len(parents) else None
     finished, not_finished = finished_trials(df)
     if not finished.empty:
+        finished = add_evaluations(finished, df)
         finished = add_columns(finished)
     return RunSet(experiment, exp.experiment_id, tracking_uri, finished.reset_index(drop=True), not_finished,
                   parent_id)
