@@ -11,15 +11,16 @@ many-core machine.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 STATISTICS_THREADS = 1
 
 
 @contextlib.contextmanager
-def statistics_threads(limit: int = STATISTICS_THREADS) -> Iterator[None]:
-    """Limit every loaded BLAS (numpy's and scipy's OpenBLAS alike) to ``limit`` threads inside."""
+def statistics_threads(limit: Optional[int] = None) -> Iterator[None]:
+    """Limit every loaded BLAS (numpy's and scipy's OpenBLAS alike) to ``limit`` threads inside
+    (default ``STATISTICS_THREADS``, read at call time)."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=limit, user_api="blas"):
+    with threadpool_limits(limits=limit or STATISTICS_THREADS, user_api="blas"):
         yield
