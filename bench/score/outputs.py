@@ -43,8 +43,8 @@ def table(result: ScoreResult) -> str:
     lines = [f"{'metric':<{width}}  value"]
     for key, value in result.values.items():
         nets = untrained.get(result.produced_by[key], [])
-        note = f"   [untrained: {', '.join(nets)}]" if nets else ""
-        lines.append(f"{key:<{width}}  {value:.6g}{note}")
+        note = f"  [untrained: {', '.join(nets)}]" if nets else ""
+        lines.append(f"{key:<{width}}  {value:<12.6g}{note}".rstrip())
     s = result.settings
     formats = [f"{k.split('.')[1]} {v}" for k, v in s.items() if k.startswith("inputs.") and k.endswith(".formats")]
     lines.append(f"{s['n_images']} images of {s['resolution']} (height x width) per folder; files: "
