@@ -31,8 +31,8 @@ from scipy.linalg import lapack
 from bench.metrics.blas_threads import statistics_threads
 
 # Above this many singular values the nuclear norm comes from the eigenvalues of the smaller Gram
-# matrix instead of an SVD: one symmetric tridiagonalisation instead of a bidiagonalisation, ~3x
-# cheaper at 2048 and about equal at 1000 (measured here). The SVD is kept below it because it
+# matrix instead of an SVD: one symmetric tridiagonalisation instead of a bidiagonalisation, ~2.5x
+# cheaper at 2000 and about equal at 1000 (measured here). The SVD is kept below it because it
 # resolves small singular values to eps * ||C|| where the Gram route gets sqrt(eps) * ||C||.
 SVD_MAX = 1024
 

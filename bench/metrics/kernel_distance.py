@@ -16,7 +16,7 @@ rounding; tests/test_frechet.py checks both).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from bench.metrics.blas_threads import statistics_threads
 BLOCK_ELEMENTS = 1 << 24
 
 
-def draw_subsets(n1: int, n2: int, m: int, num_subsets: int) -> "tuple[np.ndarray, np.ndarray]":
+def draw_subsets(n1: int, n2: int, m: int, num_subsets: int) -> Tuple[np.ndarray, np.ndarray]:
     """clean-fid's draws from the global ``np.random``: per subset, m rows of set 2, then of set 1."""
     ix: List[np.ndarray] = []
     iy: List[np.ndarray] = []
