@@ -2,7 +2,7 @@
 
 clean-fid's ``frechet_distance`` returns ``diff.diff + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` and
 gets the last term from ``scipy.linalg.sqrtm`` of the non-symmetric 2048x2048 product (a complex
-Schur decomposition: 11-13 s on this 2-core machine, a minute when it is busy). Only the *trace*
+Schur decomposition: 11-13 s on this 2-core machine when idle, 1-3 minutes when busy). Only the *trace*
 of the root is needed, and that is a spectral quantity of a symmetric problem:
 
     with any factors S1 = A A^T and S2 = B B^T, the non-zero eigenvalues of S1 S2 = A (A^T S2)
