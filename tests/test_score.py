@@ -237,3 +237,9 @@ def test_lpips_diversity_from_k_folders(tmp_path, capsys):
     s = doc["settings"]
     assert s["metric.lpips_diversity.k"] == 3 and s["metric.lpips_diversity.pairs"] == 11
     assert s["metric.lpips_diversity.pairs_skipped_same_exemplar"] == 1
+
+
+def test_fid_and_kid_need_two_images(tmp_path, capsys):
+    save_pngs(smooth(1, 11), tmp_path / "one")
+    code, _, err = run_score(capsys, "--fake", tmp_path / "one", "--real", tmp_path / "one", "--metrics", "fid,kid")
+    assert code == 2 and "fid_sources, kid_sources need at least 2 images per folder; got 1" in err

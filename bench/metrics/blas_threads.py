@@ -1,11 +1,13 @@
 """How many BLAS/LAPACK threads the statistics at the end of a metric (FID, KID) may use.
 
-Measured on this shared 2-core machine with another engineer's jobs on the cores (load 4-6;
-scripts/bench_metrics.py --frechet): the harness's FID + KID pair on 2048-d features took 1.2 s
-with one BLAS thread and 7.5 s with two at N = 1000, 6.3 s and 15.0 s at N = 2993. The likely
-cause: OpenBLAS's threads wait for each other at every BLAS-2 step of the tridiagonalisation while
-one of them is descheduled, and numpy and scipy each bundle an OpenBLAS whose idle threads spin. Two threads only win on idle cores (2048-d ``eigvalsh``: 0.6 s vs 1.2 s at load ~2). One
-thread is the robust choice here; raise ``STATISTICS_THREADS`` on a dedicated many-core machine.
+Measured on this shared 2-core machine while another engineer's jobs ran on it (load 6-8), the
+harness's FID + KID pair on 2048-d features, best of 3, one BLAS thread / two threads: N = 200
+0.16 / 0.88 s, N = 1000 0.78 / 3.2 s, N = 2000 2.9 / 17.7 s, N = 2993 11.3 / 41.4 s; only the LAPACK
+steps on one thread and the matrix products on two: 0.70, 1.2, 6.4, 18.8 s. Two threads won only
+in a quieter moment (N = 2993 at load ~4: 4.9 s vs 8.4 s). The likely cause: OpenBLAS's threads
+wait for each other at every BLAS-2 step of a decomposition while one of them is descheduled, and
+numpy and scipy each bundle an OpenBLAS whose idle threads spin. One thread is the robust choice
+here; raise ``STATISTICS_THREADS`` on a dedicated many-core machine.
 """
 from __future__ import annotations
 

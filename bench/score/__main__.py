@@ -11,7 +11,7 @@ Files are paired by their path relative to each folder without the extension (``
 all have the size of the first --fake image. Metric names are the harness' (``fid_sources``,
 ``swd``, ...); ``fid`` and ``kid`` mean ``fid_sources`` and ``kid_sources`` (--fake vs --real);
 ``all`` scores every metric whose inputs were given. Exit codes: 0 scored, 2 a problem with the
-arguments, folders, files or weights (one line on stderr, no traceback).
+arguments, folders or files (one line on stderr, no traceback) or missing weights (what to do).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     from bench.metrics import METRICS
     from bench.score import outputs
-    from bench.score.inputs import ALIASES, Given, resolve_metrics
+    from bench.score.inputs import ALIASES, Given, check_count, resolve_metrics
     from bench.score.pairing import ScoreInputError, scan_folder
     from bench.score.scoring import FolderInputs, ScoreOptions, build, prepare, score, stderr_progress
     from methods.base import BackboneSettings
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             exemplar_conditions=(scan_folder("--exemplar-conditions", args.exemplar_conditions)
                                  if args.exemplar_conditions else None))
         prep = prepare(inputs)
+        check_count(names, len(prep.keys))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         opts = ScoreOptions(
             backbones=BackboneSettings(weights_dir=args.weights_dir, allow_untrained=args.allow_untrained_backbones,

@@ -82,3 +82,10 @@ def resolve_metrics(requested: Sequence[str], given: Given, registered: Sequence
     if problems:
         raise ScoreInputError("missing inputs: " + "; ".join(problems))
     return names, {}
+
+
+def check_count(names: Sequence[str], n_images: int) -> None:
+    """FID and KID estimate a distribution: clean-fid's covariance and subsets need two images."""
+    distribution = [n for n in names if n.startswith(("fid_", "kid_"))]
+    if distribution and n_images < 2:
+        raise ScoreInputError(f"{', '.join(distribution)} need at least 2 images per folder; got {n_images}")
