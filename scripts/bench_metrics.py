@@ -9,8 +9,16 @@
    speed-up and the largest difference of the values. The driver's reals-vs-reals pass is exactly 0,
    so the torch side only draws its directions; the "like for like" line gives the numpy reference
    the same shortcut.
+3. ``--frechet``: FID and KID statistics of 2048-d features, clean-fid's ``frechet_distance`` /
+   ``kernel_distance`` vs ``bench.metrics.frechet`` / ``kernel_distance`` on the same "real-looking"
+   features (non-negative, correlated, power-law spectrum) for N samples per set (N < 2048:
+   rank-deficient covariances; N > 2048: full rank): seconds, ratio, relative difference, and the
+   harness's FID + KID pair from features (``fid_from_features`` + ``kid_from_features``), timed
+   with our statistics on 1 BLAS thread (the default, ``blas_threads.py``) and on ``--threads``.
+   clean-fid runs once per case (its sqrtm takes 10 s to minutes), ours best of ``--repeats``.
 
     .venv/bin/python scripts/bench_metrics.py [--threads 1] [--json out.json]
+    .venv/bin/python scripts/bench_metrics.py --frechet [--frechet-n 200 1000 2993] [--threads 2]
 """
 from __future__ import annotations
 
@@ -135,6 +143,73 @@ def bench_swd(size: int, n: int, repeats: int) -> Dict[str, object]:
             "max_rel_diff": float((diff / np.abs(np.asarray(v_np, np.float64))).max())}
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def real_looking(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    """Non-negative correlated float32 features with a power-law spectrum (as tests/test_frechet.py)."""
+    rs = np.random.RandomState(seed)
+    mix = rs.randn(d, d) * (np.arange(1, d + 1) ** -0.7)[:, None]
+    return np.maximum(rs.randn(n, d) @ mix + shift, 0).astype(np.float32)
+
+
+def _best(fn, repeats: int):
+    best, value = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        value = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, value
+
+
+def bench_frechet(n: int, repeats: int, threads: int, d: int = 2048) -> Dict[str, object]:
+    import warnings
+
+    from cleanfid.fid import frechet_distance as cf_frechet, kernel_distance as cf_kernel
+
+    from bench.metrics import blas_threads, frechet, kernel_distance
+
+    fake, real = real_looking(n, d, 1), real_looking(n, d, 2, shift=0.05)
+    mu1, s1 = np.mean(fake, axis=0), np.cov(fake, rowvar=False)
+    mu2, s2 = np.mean(real, axis=0), np.cov(real, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        t_cf, v_cf = _best(lambda: cf_frechet(mu1, s1, mu2, s2), 1)
+    t_ours, v_ours = _best(lambda: frechet.frechet_distance(mu1, s1, mu2, s2), repeats)
+
+    def cf_kid():
+        np.random.seed(0)
+        return cf_kernel(fake, real)
+
+    def our_kid():
+        np.random.seed(0)
+        return kernel_distance.kernel_distance(fake, real)
+
+    t_cf_kid, k_cf = _best(cf_kid, 1)
+    t_kid, k_ours = _best(our_kid, repeats)
+    pair = lambda: (fid_mod.fid_from_features(fake, real), fid_mod.kid_from_features(fake, real))  # noqa: E731
+    t_pair, _ = _best(pair, repeats)
+    old = blas_threads.STATISTICS_THREADS
+    blas_threads.STATISTICS_THREADS = threads
+    try:
+        t_pair_threads, _ = _best(pair, repeats)
+    finally:
+        blas_threads.STATISTICS_THREADS = old
+    return {"n_per_set": n, "dim": d, "rank_deficient": n <= d,
+            "cleanfid_fid_s": t_cf, "ours_fid_s": t_ours, "fid_speedup": t_cf / t_ours,
+            "fid_cleanfid": float(v_cf), "fid_ours": v_ours, "fid_rel_diff": abs(v_ours - v_cf) / abs(v_cf),
+            "cleanfid_kid_s": t_cf_kid, "ours_kid_s": t_kid, "kid_speedup": t_cf_kid / t_kid,
+            "kid_cleanfid": float(k_cf), "kid_ours": k_ours, "kid_rel_diff": abs(k_ours - k_cf) / abs(k_cf),
+            "pair_s": t_pair, "pair_s_threads": t_pair_threads, "threads": threads}
+
+
 def main(argv: List[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (set before import)")
@@ -143,13 +218,39 @@ def main(argv: List[str]) -> None:
     ap.add_argument("--swd-n", type=int, nargs=2, default=[64, 40], help="SWD images per set at 64^2, 256^2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-metrics", action="store_true")
+    ap.add_argument("--frechet", action="store_true", help="only the FID/KID statistics section (3.)")
+    ap.add_argument("--frechet-n", type=int, nargs="+", default=[200, 1000, 2993],
+                    help="samples per set for --frechet (2048-d features)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                "torch": torch.__version__, "numpy": np.__version__, "load_avg_start": os.getloadavg()}
     print(f"machine: {machine}")
-    results: Dict[str, object] = {"machine": machine, "metrics": {}, "swd": []}
+    results: Dict[str, object] = {"machine": machine, "metrics": {}, "swd": [], "frechet": []}
+
+    if args.frechet:
+        import scipy
+
+        machine["scipy"] = scipy.__version__
+        print(f"\nFID / KID statistics of 2048-d features: clean-fid vs ours (clean-fid once, ours best of "
+              f"{args.repeats}; BLAS threads: clean-fid {args.threads}, ours 1):")
+        for n in args.frechet_n:
+            r = bench_frechet(n, args.repeats, args.threads)
+            results["frechet"].append(r)
+            kind = "rank-deficient" if r["rank_deficient"] else "full rank"
+            print(f"  N={n:>5} per set ({kind}):\n"
+                  f"    FID  clean-fid {r['cleanfid_fid_s']:8.2f} s   ours {r['ours_fid_s']:6.3f} s   "
+                  f"{r['fid_speedup']:7.1f}x   rel diff {r['fid_rel_diff']:.1e}  ({r['fid_ours']:.6g})\n"
+                  f"    KID  clean-fid {r['cleanfid_kid_s']:8.2f} s   ours {r['ours_kid_s']:6.3f} s   "
+                  f"{r['kid_speedup']:7.1f}x   rel diff {r['kid_rel_diff']:.1e}  ({r['kid_ours']:.6g})\n"
+                  f"    FID + KID pair from features (harness functions): {r['pair_s']:.3f} s "
+                  f"(statistics on {args.threads} BLAS thread(s): {r['pair_s_threads']:.3f} s)", flush=True)
+        results["machine"]["load_avg_end"] = os.getloadavg()
+        print(f"\nload average at end: {results['machine']['load_avg_end']}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
 
     print("\nSWD, torch vs the numpy PGGAN reference (same images, same RNG order, best of "
           f"{args.repeats}):")

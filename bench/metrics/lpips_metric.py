@@ -136,29 +136,43 @@ class LPIPSDiversity(_LPIPSMetric):
         self.pairs_used = 0
         self.pairs_skipped = 0
         self.inputs_skipped = 0
+        self.exemplar_source = ""
 
     def update(self, batch, out):
         raise RuntimeError("lpips_diversity needs K outputs per input: the evaluator must call update_multi")
 
-    @staticmethod
-    def same_exemplar(exemplars: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
-        """(B,) bool: input i saw the same exemplar image under rolls k1 and k2."""
-        a, b = torch.roll(exemplars, k1, dims=0), torch.roll(exemplars, k2, dims=0)
-        return (a == b).flatten(1).all(dim=1)
-
     def update_multi(self, batch, outs):
-        k = len(outs)
+        """The evaluator's K outputs: output k of input i used the exemplar k positions away."""
+        exemplars = batch["exemplar"]
+        self.update_groups([o.output for o in outs], [torch.roll(exemplars, k, dims=0) for k in range(len(outs))],
+                           "exemplars rolled within the batch")
+
+    def update_groups(self, outputs: List[torch.Tensor], exemplars: Optional[List[torch.Tensor]],
+                      exemplar_source: str) -> None:
+        """K outputs of the same B inputs: ``outputs[k]`` (B, 3, H, W) made with ``exemplars[k]``.
+
+        A pair (k1, k2) of input i is skipped when ``exemplars[k1][i]`` and ``exemplars[k2][i]`` are
+        the same image. ``exemplars`` None: the caller has no exemplar images (outputs scored from
+        folders without ``--exemplars``) and every pair counts. ``exemplar_source`` says where the
+        K exemplars came from (recorded in the settings).
+        """
+        self.exemplar_source = exemplar_source
+        k = len(outputs)
         if k < 2:
             raise ValueError(f"lpips_diversity got {k} output(s) per input; needs >= 2")
-        exemplars = batch["exemplar"]
-        total = torch.zeros(exemplars.shape[0], dtype=torch.float64)
-        count = torch.zeros(exemplars.shape[0], dtype=torch.int64)
+        n = outputs[0].shape[0]
+        device = outputs[0].device
+        total = torch.zeros(n, dtype=torch.float64)
+        count = torch.zeros(n, dtype=torch.int64)
         for k1, k2 in itertools.combinations(range(k), 2):
-            usable = ~self.same_exemplar(exemplars, k1, k2).cpu()
+            if exemplars is None:
+                usable = torch.ones(n, dtype=torch.bool)
+            else:
+                usable = ~(exemplars[k1] == exemplars[k2]).flatten(1).all(dim=1).cpu()
             self.pairs_skipped += int((~usable).sum())
             if not usable.any():
                 continue
-            d = self.distance(outs[k1].output[usable.to(exemplars.device)], outs[k2].output[usable.to(exemplars.device)])
+            d = self.distance(outputs[k1][usable.to(device)], outputs[k2][usable.to(device)])
             total[usable] += d.double()
             count[usable] += 1
         self.pairs_used += int(count.sum())
@@ -171,7 +185,7 @@ class LPIPSDiversity(_LPIPSMetric):
             raise ValueError("lpips_diversity: no input had two outputs under different exemplars "
                              "(evaluation batches need at least 2 distinct exemplars)")
         self.settings = {**self._settings(), "k": self.exemplars_per_input,
-                         "pairing": "all C(K,2) pairs per input, exemplars rolled within the batch",
+                         "pairing": f"all C(K,2) pairs per input, {self.exemplar_source}",
                          "pairs": self.pairs_used, "pairs_skipped_same_exemplar": self.pairs_skipped,
                          "inputs_skipped": self.inputs_skipped}
         return {"lpips_diversity": float(np.mean(self.values))}
