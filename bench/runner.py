@@ -124,7 +124,29 @@ def init_ray(opts: RunOptions, log=print) -> bool:
         ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=opts.num_gpus,
                  runtime_env=runtime_env, include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="WARNING")
+    sigterm_stops_like_ctrl_c()
     return True
+
+
+def sigterm_stops_like_ctrl_c() -> None:
+    """SIGTERM (kill, timeout, a batch scheduler) stops the sweep the way Ctrl-C does: Tune saves
+    its state, the summary names the interrupted trials and how to resume. Otherwise the handler
+    Ray's core worker installs in the driver during ray.init prints a native stack dump
+    ("*** SIGTERM received at time=...") and aborts the driver, its MLflow runs left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set signal handlers (and Tune's is set there too)
+
+    def on_sigterm(signum, frame):
+        on_sigint = signal.getsignal(signal.SIGINT)  # Tune's graceful stop while a sweep runs
+        if callable(on_sigint):
+            on_sigint(signal.SIGINT, frame)
+        else:  # SIGINT ignored or default: still stop
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _not_token_auth_notice(record) -> bool:
