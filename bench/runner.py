@@ -122,10 +122,56 @@ def init_ray(opts: RunOptions, log=print) -> bool:
         log(f"connecting to Ray cluster at {address}")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        quiet_local_ray()
         ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=opts.num_gpus,
                  runtime_env=runtime_env, include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="WARNING")
+    sigterm_stops_like_ctrl_c()
     return True
+
+
+def sigterm_stops_like_ctrl_c() -> None:
+    """SIGTERM (kill, timeout, a batch scheduler) stops the sweep the way Ctrl-C does: Tune saves
+    its state, the summary names the interrupted trials and how to resume. Otherwise the handler
+    Ray's core worker installs in the driver during ray.init prints a native stack dump
+    ("*** SIGTERM received at time=...") and aborts the driver, its MLflow runs left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set signal handlers (and Tune's is set there too)
+
+    def on_sigterm(signum, frame):
+        on_sigint = signal.getsignal(signal.SIGINT)  # Tune's graceful stop while a sweep runs
+        if callable(on_sigint):
+            on_sigint(signal.SIGINT, frame)
+        else:  # SIGINT ignored or default: still stop
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _not_token_auth_notice(record) -> bool:
+    """Ray 2.60 turns token authentication on for every new local instance and says so at WARNING
+    level: noise for the instance bench starts itself. Ray's other auth messages still pass."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def quiet_local_ray() -> None:
+    """Keep Ray's behaviour for a new local instance and drop two things it would print."""
+    import logging
+
+    # Not RAY_AUTH_MODE=token (which also skips the notice): `import ray` has already cached the
+    # "disabled" default in this process, and the driver then fails to authenticate to its own GCS.
+    token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _not_token_auth_notice not in token_logger.filters:
+        token_logger.addFilter(_not_token_auth_notice)
+    # When the first driver connects, Ray prestarts one worker per CPU. Trials need the sweep's
+    # runtime_env, so those workers never run anything: they are killed as idle a second after
+    # they register, and that kill sometimes aborts one mid-start-up, whose SIGABRT stack dump
+    # ("Mutex corrupt: waiting writer with no waiters") reaches the terminal through log_to_driver.
+    # Ray's raylet reads RAY_<setting> from its environment; a user's own value wins.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 def worker_env(pythonpath: List[str]) -> Dict[str, str]:
@@ -276,5 +322,7 @@ def _run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, workdir: 
         log("not finished: " + ", ".join(f"{n} ({s})" for n, s in failed))
         if any(s in ("INTERRUPTED", "NOT RUN") for _, s in failed):
             log(f"resume with: python -m bench.run {opts.sweep_file} --resume")
-    log(f"browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    from bench.tracking import browse_message
+
+    log(browse_message(uri, experiment_id))
     return 0 if ok else 1

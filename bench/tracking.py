@@ -12,6 +12,7 @@ below the last step already logged are not written again (Ray may re-run steps a
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -19,6 +20,16 @@ from typing import Any, Dict, Iterable, List, Optional
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MAX_PARAM_LEN = 6000
+# Where `mlflow ui` serves a local store (the README's `make dashboard`).
+DEFAULT_UI = "http://127.0.0.1:5000"
+# MLflow 3.17's UI opens an experiment in its GenAI view (traces) unless the URL asks for the
+# "Model training" workflow; this query parameter is what its bundle reads (workflowType).
+RUNS_VIEW_QUERY = "workflowType=machine_learning"
+# The experiment tag MLflow's UI knows for the experiment's kind ("Machine learning" in its kind
+# selector). 3.17's bundle follows the URL's workflowType instead, so the link above is what
+# actually opens the runs; the tag records the kind for UIs that read it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -28,7 +39,33 @@ def default_tracking_uri(workdir: Path) -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    # With an http store MLflow prints "View run ... at" / "View experiment at" on every
+    # set_terminated: once per trial, from the trial workers. The sweep ends with one link of its
+    # own (browse_message), so ask MLflow not to (its documented switch; a user's own value wins).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
+
+
+def is_server_uri(uri: str) -> bool:
+    return uri.split("://", 1)[0].lower() in ("http", "https")
+
+
+def runs_link(uri: str, experiment_id: str) -> str:
+    """The URL of the experiment's runs table: the tracking server's own UI for an http(s) URI,
+    else where `mlflow ui` serves the store by default."""
+    base = uri.rstrip("/") if is_server_uri(uri) else DEFAULT_UI
+    return f"{base}/#/experiments/{experiment_id}/runs?{RUNS_VIEW_QUERY}"
+
+
+def browse_message(uri: str, experiment_id: str) -> str:
+    """The end of a sweep's output: where to see its runs. A server is already serving them
+    (one line, its link); a local store needs `mlflow ui` started first."""
+    link = runs_link(uri, experiment_id)
+    if is_server_uri(uri):
+        return f"runs: {link}"
+    return ("dashboard: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui "
+            f"--backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1\n"
+            f"runs: {link}")
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Optional[Path]) -> str:
@@ -40,11 +77,14 @@ def ensure_experiment(uri: str, name: str, artifact_root: Optional[Path]) -> str
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before bench tagged its experiments
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         return exp.experiment_id
     location = None
     if artifact_root is not None and uri.startswith("sqlite:"):
         location = (artifact_root / name).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
 
 
 INVOCATION_TAG = "bench.invocation"  # which bench.run call made a run (--force tells its own runs apart)

@@ -1,10 +1,12 @@
 """The MLflow UI shows a sweep the way the README promises, checked with a real headless browser.
 
-A toy sweep runs through Ray and MLflow, ``mlflow ui`` serves its store on 127.0.0.1 (a free port,
-one worker, no job runner), and Debian's chromium, driven over the DevTools protocol, checks that
-the experiment page lists the sweep's runs by their readable names, that a trial's page shows its
-params and metrics, and that its sample grid renders as an image. The server and the browser are
-started in their own process groups and stopped in fixture teardown, so nothing outlives the test.
+``mlflow ui`` serves a store on 127.0.0.1 (a free port, one worker, no job runner), a toy sweep
+runs through Ray and logs to it over http, and Debian's chromium, driven over the DevTools
+protocol, opens the link the sweep printed at its end (MLflow 3.17 opens an experiment in its
+GenAI view unless the link asks for the runs): the runs table lists the sweep's parent run and,
+expanded, its trials by their readable names; a trial's page shows its params and metrics; its
+sample grid renders as an image. The server and the browser are started in their own process
+groups and stopped in fixture teardown, so nothing outlives the test.
 
 Chromium is installed with apt-get when missing (as root); the test skips, with the reason, only
 when that is impossible.
@@ -16,10 +18,7 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -32,43 +31,13 @@ from PIL import Image
 from bench.report import build_report
 from bench.runner import RunOptions, run_sweep
 from bench.sweep import expand, spec_from_dict
+from bench.tracking import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, browse_message
+from tests.mlflow_server import group_alive, mlflow_ui, stop_group  # noqa: F401 - mlflow_ui is a fixture
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,900"]
 WAIT_S = 60  # per page; the React app renders in 1-3 s on an idle machine
-
-
-# ---- processes -------------------------------------------------------------------------------
-def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM the process group we started (server + its workers, browser + its helpers), wait
-    until every member is gone (helpers can outlive their parent briefly), SIGKILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            proc.poll()  # reap the leader so it does not linger as a zombie
-            if not group_alive(proc.pid):
-                return
-            time.sleep(0.1)
-    proc.poll()
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -92,39 +61,6 @@ def chromium() -> str:
     if not found:
         pytest.skip("apt-get install chromium succeeded but no chromium binary is on PATH")
     return found
-
-
-@pytest.fixture()
-def mlflow_ui(tmp_path):
-    """Start ``mlflow ui`` for a store; yields a function (uri) -> base URL; stops it at teardown."""
-    procs = []
-
-    def start(uri: str) -> str:
-        port = free_port()
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        log = open(tmp_path / f"mlflow_ui_{port}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        procs.append((proc, log))
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow ui exited {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return base
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"mlflow ui did not answer on {base}: {Path(log.name).read_text()[-2000:]}")
-
-    yield start
-    for p, log in procs:
-        stop_group(p)
-        log.close()
-        assert not group_alive(p.pid), "mlflow ui left processes behind"
 
 
 # ---- a small DevTools-protocol client (aiohttp ships with mlflow) -------------------------------
@@ -209,43 +145,59 @@ EXPAND_PARENT = ("document.querySelectorAll('[role=\"gridcell\"][col-id^=\"attri
                  ".forEach(b => { if (!b.dataset.benchClicked) { b.dataset.benchClicked = 1; b.click(); } })")
 
 
-def test_mlflow_ui_lists_the_sweeps_runs(ray_session, tmp_path, mlflow_ui, browser):
+CLICK_RUN = ("[...document.querySelectorAll('a')].filter(a => a.textContent.trim() === %s)"
+             ".slice(0, 1).map(a => (a.click(), a.getAttribute('href')))")
+
+
+def test_the_printed_link_opens_the_sweeps_runs(ray_session, tmp_path, mlflow_ui, browser):
+    base = mlflow_ui(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     raw = {"name": "dashboard_check", "seeds": [0, 1], "methods": [{"name": "toy"}],
            "datasets": [{"name": "embedded", "variant": "mask"}],
            "train": {"steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 2},
            "eval": {"num_samples": 4, "batch_size": 4, "metrics": ["l1", "psnr", "ssim"]},
            "scale": {"resolution": 32}, "resources": {"cpu": 1, "max_concurrent": 2}}
     trials = expand(spec_from_dict(raw))
-    assert run_sweep("dashboard_check", trials, RunOptions(workdir=tmp_path), log=lambda s: None) == 0
-    build_report("dashboard_check", workdir=tmp_path)  # logs report/ to the parent run too
-    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("dashboard_check").experiment_id
-    runs = {r.info.run_name: r for r in client.search_runs([exp])}
+    lines = []
+    assert run_sweep("dashboard_check", trials, RunOptions(workdir=tmp_path, tracking_uri=base), log=lines.append) == 0
+    build_report("dashboard_check", tracking_uri=base, workdir=tmp_path)  # logs report/ to the parent run too
+    client = MlflowClient(base)
+    exp = client.get_experiment_by_name("dashboard_check")
+    assert exp.tags.get(EXPERIMENT_KIND_TAG) == MODEL_DEVELOPMENT
+    # The sweep's last words: the link, as the function that prints it makes it, and nothing else
+    # pointing into the UI (MLflow's per-run "View run" lines are printed by the trial workers, not
+    # through this log; tests/test_output.py checks the real terminal output).
+    assert lines[-1] == browse_message(base, exp.experiment_id)
+    assert sum("/#/experiments/" in line for line in lines) == 1
+    link = lines[-1].split("runs: ", 1)[1]
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     names = sorted(t.name for t in trials)
     assert names == ["toy/default/embedded-mask/s0", "toy/default/embedded-mask/s1"]
     child = runs[names[0]]
     grid = Path(client.download_artifacts(child.info.run_id, "samples/grid.png", str(tmp_path)))
     grid_size = list(Image.open(grid).size)
 
-    base = mlflow_ui(uri)
-
     async def drive():
         await browser.connect()
         try:
-            # The experiment page: the sweep's parent run, expanded to its trials, by name.
-            await browser.open(f"{base}/#/experiments/{exp}/runs")
+            # The printed link: the runs table, the sweep's parent run expanded to its trials.
+            await browser.open(link)
             await browser.wait_text("dashboard_check", "matching runs")
             text = await browser.wait_text(*names, action=EXPAND_PARENT)
             await browser.screenshot(tmp_path / "experiment_page.png")
             assert "3 matching runs" in text  # the parent and its two trials
-            # A trial's page: params and final metrics.
-            await browser.open(f"{base}/#/experiments/{exp}/runs/{child.info.run_id}")
+            # ... in the "Model training" workflow (its side navigation), not under GenAI's
+            # "Training runs", where MLflow 3.17 puts an experiment's runs by default.
+            assert "Model registry" in text and "Observability" not in text, text[:800].replace("\n", " | ")
+            # A trial, reached from the table: its page shows params and final metrics.
+            clicked = await browser.js(CLICK_RUN % json.dumps(names[0]))
+            assert clicked and child.info.run_id in clicked[0], f"no link to {names[0]} in the table: {clicked}"
             text = await browser.wait_text(names[0], "Parameters", "Metrics")
             for needle in ("method_options.quality", "scale.resolution", "psnr", "ssim", "l1"):
                 assert needle in text, needle
             # Its sample grid renders as an image of the artifact's size.
-            await browser.open(f"{base}/#/experiments/{exp}/runs/{child.info.run_id}/artifacts/samples/grid.png")
+            run_page = (await browser.js("location.href")).split("?")[0].rstrip("/")
+            assert run_page.endswith(f"/runs/{child.info.run_id}"), run_page
+            await browser.open(f"{run_page}/artifacts/samples/grid.png")
             deadline = time.time() + WAIT_S
             sizes = []
             while time.time() < deadline and grid_size not in sizes:
