@@ -45,6 +45,10 @@ class TrainConfig:
     # Data-parallel trials (resources.workers > 1): batch_size is per worker; "linear" multiplies
     # the learning rates by the number of workers (Goyal et al. 2017), "none" keeps them.
     lr_scaling: str = "none"
+    # Data-parallel trials: BatchNorm statistics (and their gradients) over the global batch, as the
+    # official SPADE/CoCosNet/CoCosNet v2 code's synchronized BatchNorm; null = the method's official
+    # choice (its ``sync_batchnorm``); false = per-worker statistics (plain DDP).
+    sync_bn: Optional[bool] = None
     weights_dir: Optional[str] = None  # where pretrained weights files are looked up first
 
 

@@ -92,7 +92,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts = RunOptions(workdir=Path(args.workdir), tracking_uri=args.tracking_uri, address=args.address,
                       num_cpus=args.num_cpus, num_gpus=args.num_gpus, force=args.force, resume=args.resume,
                       sweep_file=str(args.sweep), sweep_hash=file_hash(args.sweep), extra_tags=extra)
-    code = run_sweep(spec.name, trials, opts)
+    try:
+        code = run_sweep(spec.name, trials, opts)
+    except KeyboardInterrupt:  # before Tune took over the signal (e.g. while Ray starts): no traceback
+        print(f"interrupted; resume with: python -m bench.run {args.sweep} --resume", file=sys.stderr)
+        return 130
     if not args.no_report:
         code = _report(spec.name, opts, code)
     return code

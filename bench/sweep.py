@@ -28,7 +28,7 @@ from datasets.base import DatasetSpec
 _NOT_IDENTITY = {"train": ("log_every", "checkpoint_every", "num_workers"), "eval": ("grid_samples", "save_outputs")}
 # Settings added after trials were first hashed: left out of the identity at their default, so the
 # trials of existing stores keep their keys (and are not re-run) until a sweep sets them.
-_IDENTITY_IF_SET = {"eval": {"every": 0, "select": "final", "score_from": "memory"}}
+_IDENTITY_IF_SET = {"eval": {"every": 0, "select": "final", "score_from": "memory"}, "train": {"sync_bn": None}}
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench.data_parallel import Shard, average_gradients_before_step, broadcast_state
+from bench.data_parallel import Shard, average_gradients_before_step, broadcast_state, synchronize_batchnorm
 from bench.evaluate import build_metrics, collapse_warnings, evaluate, select_metrics
 from bench.grid import grid_rows, save_grid
 from bench.init_from import apply_init_from, load_init_from
@@ -320,7 +320,10 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
         init_tags = apply_init_from(method, load_init_from(cfg.init_from, cfg.method, env.tracking_uri), cfg.init_from)
         line(f"[{cfg.name}] weights from {init_tags.get('bench.init_from.origin', cfg.init_from)}: "
              f"{init_tags['bench.init_from.networks']}")
+    sync_bn = cfg.train.sync_bn if cfg.train.sync_bn is not None else bool(method.sync_batchnorm)
     if shard.world > 1:
+        if sync_bn:  # before the broadcast: every worker starts from rank 0's statistics too
+            synchronize_batchnorm(method, device)
         broadcast_state(method)
         average_gradients_before_step(method, shard.world)
         torch.manual_seed(cfg.seed * 1000 + shard.rank)  # per-worker noise (dropout, diffusion, ...)
@@ -338,7 +341,8 @@ def _train_and_evaluate(cfg, env, run, reporter, device, line, t_start, shard: S
         params["resolved"] = dict(method.resolved)
     params["parallel"] = {"workers": shard.world, "batch_per_worker": cfg.train.batch_size,
                           "effective_batch_size": cfg.train.batch_size * shard.world,
-                          "lr_scaling": cfg.train.lr_scaling, "lr_multiplier": lr_multiplier(cfg)}
+                          "lr_scaling": cfg.train.lr_scaling, "lr_multiplier": lr_multiplier(cfg),
+                          "sync_bn": sync_bn and shard.world > 1}
     run.log_params(params)
     provenance = {f"bench.weights.{k}": v for k, v in method.provenance.items()}
     for mname, m in metrics.items():

@@ -83,6 +83,9 @@ class ExemplarMethod(nn.Module):
     # State-dict prefixes that pretrained checkpoints never hold: frozen backbones the method loads
     # itself (loss VGGs), so ``load_pretrained`` neither expects nor accepts them.
     pretrained_exclude: tuple = ()
+    # Whether the official code synchronises BatchNorm statistics across GPUs (SPADE's and CoCosNet's
+    # SynchronizedBatchNorm2d): a data-parallel harness then does the same by default.
+    sync_batchnorm: bool = False
 
     def __init__(self, options: Any, ctx: MethodContext):
         super().__init__()

@@ -151,6 +151,7 @@ def weighted_l1(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tens
 @METHODS.register("cocosnet")
 class CoCosNetMethod(ExemplarMethod):
     Options = CoCosNetOptions
+    sync_batchnorm = True  # official: SynchronizedBatchNorm2d across GPUs (train.sync_bn)
     has_warp = True
     recipes = RECIPES
     pretrained_exclude = ("vgg.",)

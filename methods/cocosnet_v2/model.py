@@ -230,6 +230,7 @@ def hinge_terms(preds: List[List[torch.Tensor]], real: bool) -> torch.Tensor:
 @METHODS.register("cocosnet_v2")
 class CoCosNetV2Method(ExemplarMethod):
     Options = CoCosNetV2Options
+    sync_batchnorm = True  # official: SynchronizedBatchNorm2d across GPUs (train.sync_bn)
     has_warp = True
     recipes = RECIPES
 

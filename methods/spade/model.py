@@ -119,6 +119,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.T
 @METHODS.register("spade")
 class SPADEMethod(ExemplarMethod):
     Options = SPADEOptions
+    sync_batchnorm = True  # official: SynchronizedBatchNorm2d across GPUs (train.sync_bn)
     has_warp = False
 
     def __init__(self, options: SPADEOptions, ctx: MethodContext):
