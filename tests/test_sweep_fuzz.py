@@ -169,13 +169,7 @@ def test_pathological_yaml_is_refused_in_seconds(tmp_path, text):
 def test_mutated_baselines_give_a_clean_error(tmp_path_factory, data):
     from bench.check import BaselineError, load_baseline
 
-    tmp = tmp_path_factory.mktemp("fuzz")
-    path = tmp / "baseline.yaml"
-    path.write_bytes(data)
-    try:
-        load_baseline(path)
-    except BaselineError as exc:
-        assert str(path) in str(exc) and "\n" not in str(exc).strip()
+    _loads_or_names_the_file(tmp_path_factory, data, load_baseline, BaselineError)
 
 
 @FUZZ
@@ -184,10 +178,14 @@ def test_mutated_baselines_give_a_clean_error(tmp_path_factory, data):
 def test_mutated_published_tables_give_a_clean_error(tmp_path_factory, data):
     from bench.report.data import PublishedError, load_published
 
-    tmp = tmp_path_factory.mktemp("fuzz")
-    path = tmp / "published.yaml"
+    _loads_or_names_the_file(tmp_path_factory, data, load_published, PublishedError)
+
+
+def _loads_or_names_the_file(tmp_path_factory, data: bytes, load, error) -> None:
+    """``load`` either accepts the file or raises ``error`` with one line naming it; nothing else."""
+    path = tmp_path_factory.mktemp("fuzz") / "input.yaml"
     path.write_bytes(data)
     try:
-        load_published(path)
-    except PublishedError as exc:
-        assert str(path) in str(exc)
+        load(path)
+    except error as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc).strip()
