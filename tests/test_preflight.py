@@ -47,13 +47,17 @@ def test_a_valid_sweep_passes_and_dry_run_prints_the_verdict_after_the_table(tmp
     assert "toy/a on embedded-edge: 2 trials" in out
 
 
-def test_missing_dataset_root_fails_before_ray_and_mlflow(tmp_path):
-    import ray
+def test_missing_dataset_root_fails_before_ray_and_mlflow(tmp_path, monkeypatch):
+    import bench.runner
 
+    def must_not_run(*args, **kwargs):  # Ray starts and MLflow is written only in here
+        raise AssertionError("run_sweep was called although the preflight failed")
+
+    monkeypatch.setattr(bench.runner, "run_sweep", must_not_run)
     text = TOY.replace("{name: embedded, variant: edge}", "{name: deepfashion, variant: inshop, root: /no/such/dir}")
     code, out, sweep = cli(tmp_path, text, "--num-cpus", "2")  # a real run, not a dry run
     assert code == 2
-    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
     assert "toy/a, toy/b on deepfashion-inshop:" in out  # one problem, printed once for both families
     assert out.count("/no/such/dir does not exist") == 1
     assert f"{sweep}:7 datasets.0.root" in out and "docs/datasets.md#deepfashion" in out
