@@ -320,8 +320,11 @@ def _run_sweep(name: str, trials: List[TrialConfig], opts: RunOptions, workdir: 
     log(f"sweep {name!r}: {len(trials) - len(failed)}/{len(trials)} trials FINISHED in {time.time() - t0:.0f}s")
     if failed:
         log("not finished: " + ", ".join(f"{n} ({s})" for n, s in failed))
-        if any(s in ("INTERRUPTED", "NOT RUN") for _, s in failed):
-            log(f"resume with: python -m bench.run {opts.sweep_file} --resume")
+        # A stopped sweep's cut trials can end INTERRUPTED or FAILED (a worker killed mid-step
+        # raises in its trial); --resume continues both (Tuner.restore with resume_errored).
+        if any(s in ("INTERRUPTED", "NOT RUN", "FAILED") for _, s in failed):
+            log(f"resume with: python -m bench.run {opts.sweep_file} --resume   "
+                f"(continues interrupted trials, retries failed ones)")
     from bench.tracking import browse_message
 
     log(browse_message(uri, experiment_id))
