@@ -216,19 +216,14 @@ def _check_data(t: TrialConfig, family: str, loc: Locator, verdict: Verdict, mem
     return infos.get("train"), infos["eval"]
 
 
-def _method_ctx(t: TrialConfig, info, device: torch.device):
-    from bench.trial import build_method  # the trial's own construction, on the meta device
-
-    return lambda: build_method(t, info, device)
-
-
 def _check_method(t: TrialConfig, family: str, info, verdict: Verdict, weights_seen) -> Optional[bool]:
     """Build the method on the meta device with weights probed; its has_warp, or None on failure."""
+    from bench.trial import build_method  # the trial's own construction, here on the meta device
     from methods.common.weights import probe_weights
 
     try:
         with probe_weights() as requests, torch.device("meta"):
-            method = _method_ctx(t, info, torch.device("meta"))()
+            method = build_method(t, info, torch.device("meta"))
         has_warp = bool(method.has_warp)
         del method
     except Exception as exc:  # noqa: BLE001 - the method's own option checks, as the trial would see them

@@ -63,9 +63,6 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     from ray import tune
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    # FID on fewer samples than Inception's 2048 dimensions always has a singular covariance;
-    # scipy warns on every such sqrtm. The sample count is recorded with the metric instead.
-    warnings.filterwarnings("ignore", message="Matrix is singular")
     for noisy in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" on every report
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from bench.plugins import load_plugins
